@@ -1,0 +1,520 @@
+//! The `App` builder and its supervisor: connect, declare, consume; reconnect on loss; drain
+//! on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::acker::{Acker, Settle};
+use crate::config::Config;
+use crate::connection::Connector;
+use crate::handler::{Handler, Layer, Service};
+use crate::health::Health;
+use crate::http;
+use crate::message::Context;
+use crate::metrics::Metrics;
+use crate::pipeline::Worker;
+use crate::publisher::Publisher;
+use crate::queue::Queue;
+use crate::topology;
+use crate::Error;
+
+/// A set of handlers with their state, ready to run against a broker.
+///
+/// ```no_run
+/// use cottontail::{App, Config, Json, Queue, State};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Deserialize)]
+/// struct Greet { name: String }
+/// #[derive(Serialize)]
+/// struct Greeting { text: String }
+///
+/// async fn greet(State(prefix): State<String>, Json(req): Json<Greet>)
+///     -> Result<Json<Greeting>, cottontail::HandlerError>
+/// {
+///     Ok(Json(Greeting { text: format!("{prefix}, {}!", req.name) }))
+/// }
+///
+/// # async fn run() -> Result<(), cottontail::Error> {
+/// App::new("Hello".to_string())
+///     .handler(Queue::new("greetings").concurrency(8), greet)
+///     .run(Config::from_env()?)
+///     .await
+/// # }
+/// ```
+pub struct App<S> {
+    state: S,
+    handlers: Vec<Registered>,
+    layers: Vec<Layer>,
+    metrics: Metrics,
+}
+
+struct Registered {
+    queue: Arc<Queue>,
+    service: Service,
+}
+
+impl<S: Clone + Send + Sync + 'static> App<S> {
+    /// An app whose handlers can extract `state` with [`State`](crate::State).
+    pub fn new(state: S) -> Self {
+        Self {
+            state,
+            handlers: Vec::new(),
+            layers: Vec::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Registers `handler` on `queue`.
+    pub fn handler<H, Args>(mut self, queue: Queue, handler: H) -> Self
+    where
+        H: Handler<Args, S>,
+    {
+        let service = Service::from_handler(handler, self.state.clone());
+        self.handlers.push(Registered {
+            queue: Arc::new(queue),
+            service,
+        });
+        self
+    }
+
+    /// Wraps every handler in a middleware (see [`from_fn`](crate::from_fn)); the last layer
+    /// added runs first.
+    pub fn layer(mut self, layer: Layer) -> Self {
+        self.layers.push(layer);
+        self
+    }
+
+    /// Uses `metrics` (and its registry) instead of a fresh one.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The app's metrics; register your own in its registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Runs until SIGTERM or SIGINT, then drains in-flight work (bounded by the configured
+    /// shutdown timeout) and returns.
+    pub async fn run(self, config: Config) -> Result<(), Error> {
+        let running = self.start(config).await?;
+        let stop = running.stop.clone();
+        let mut join = running.join;
+        tokio::select! {
+            result = &mut join => return flatten(result),
+            _ = shutdown_signal() => tracing::info!("shutdown signal received; draining"),
+        }
+        stop.cancel();
+        flatten(join.await)
+    }
+
+    /// Starts the app in the background (binding HTTP first, so a taken port fails here).
+    pub async fn start(self, config: Config) -> Result<Running, Error> {
+        for h in &self.handlers {
+            h.queue.validate()?;
+        }
+        let mut names: Vec<&str> = self.handlers.iter().map(|h| h.queue.name()).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::Config(format!(
+                "two handlers registered on queue '{}'",
+                pair[0]
+            )));
+        }
+        let connector = Connector::new(&config.amqp_url, config.connection_name.clone())?;
+        let health = Arc::new(Health::new(
+            self.handlers.iter().map(|h| h.queue.handler().to_owned()),
+        ));
+        let stop = CancellationToken::new();
+        let http_addr = match config.http_addr {
+            Some(addr) => Some(
+                http::serve(
+                    addr,
+                    http::HttpState {
+                        metrics: self.metrics.clone(),
+                        health: health.clone(),
+                    },
+                    stop.child_token(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let handlers: Vec<Registered> = self
+            .handlers
+            .into_iter()
+            .map(|h| Registered {
+                service: self
+                    .layers
+                    .iter()
+                    .fold(h.service, |service, layer| layer(service)),
+                queue: h.queue,
+            })
+            .collect();
+        let supervisor = Supervisor {
+            connector,
+            handlers,
+            health: health.clone(),
+            metrics: self.metrics.clone(),
+            shutdown_timeout: config.shutdown_timeout,
+        };
+        let join = tokio::spawn(supervisor.run(stop.clone()));
+        Ok(Running {
+            stop,
+            health,
+            join,
+            http_addr,
+        })
+    }
+}
+
+fn flatten(result: Result<Result<(), Error>, tokio::task::JoinError>) -> Result<(), Error> {
+    result.map_err(|e| Error::Config(format!("supervisor task failed: {e}")))?
+}
+
+/// A started app.
+pub struct Running {
+    stop: CancellationToken,
+    health: Arc<Health>,
+    join: JoinHandle<Result<(), Error>>,
+    http_addr: Option<SocketAddr>,
+}
+
+impl Running {
+    /// Connection and consumer status.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The bound HTTP address, when HTTP is enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Waits until every handler consumes, or `limit` passes (returns readiness).
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.health.is_ready() {
+            if tokio::time::Instant::now() >= deadline || self.join.is_finished() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Shuts down gracefully and waits for the drain to finish.
+    pub async fn stop(self) -> Result<(), Error> {
+        self.stop.cancel();
+        flatten(self.join.await)
+    }
+
+    /// Waits for the app to end (after [`Running::shutdown`] or a fatal error).
+    pub async fn join(self) -> Result<(), Error> {
+        flatten(self.join.await)
+    }
+}
+
+struct Supervisor {
+    connector: Connector,
+    handlers: Vec<Registered>,
+    health: Arc<Health>,
+    metrics: Metrics,
+    shutdown_timeout: Duration,
+}
+
+impl Supervisor {
+    async fn run(self, stop: CancellationToken) -> Result<(), Error> {
+        let mut sessions = 0u64;
+        loop {
+            let Some(connection) = self.connector.connect(stop.cancelled()).await else {
+                return Ok(());
+            };
+            sessions += 1;
+            if sessions > 1 {
+                self.metrics.recovered();
+            }
+            self.health.set_connected(true);
+            self.metrics.set_connected(true);
+            let result = Session::start(&connection, &self).await;
+            let session = match result {
+                Ok(session) => session,
+                Err(e) => {
+                    self.health.set_connected(false);
+                    self.metrics.set_connected(false);
+                    let _ = connection.close(200, "setup failed".into()).await;
+                    if matches!(e, Error::QueueMismatch(_) | Error::Config(_)) {
+                        tracing::error!(error = %e, "cannot start");
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "session setup failed; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                }
+            };
+            tokio::select! {
+                _ = session.failed.cancelled() => {
+                    tracing::warn!("connection lost; reconnecting");
+                    self.health.set_connected(false);
+                    self.metrics.set_connected(false);
+                    session.abandon(&connection).await;
+                }
+                _ = stop.cancelled() => {
+                    session.drain(&connection, self.shutdown_timeout).await;
+                    self.health.set_connected(false);
+                    self.metrics.set_connected(false);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Everything that lives as long as one connection.
+struct Session {
+    failed: CancellationToken,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    loops: Vec<JoinHandle<()>>,
+    ackers: Vec<Acker>,
+}
+
+impl Session {
+    async fn start(connection: &Connection, sup: &Supervisor) -> Result<Session, Error> {
+        for h in &sup.handlers {
+            topology::declare(connection, &h.queue).await?;
+        }
+        let failed = CancellationToken::new();
+        watch_connection(connection, failed.clone());
+        let publisher = Publisher::new(connection.create_channel().await.map_err(Error::broker)?)
+            .await
+            .map_err(Error::broker)?
+            .with_confirm_histogram(sup.metrics.confirm_histogram());
+        let mut session = Session {
+            failed,
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            loops: Vec::new(),
+            ackers: Vec::new(),
+        };
+        for (index, h) in sup.handlers.iter().enumerate() {
+            let channel = connection.create_channel().await.map_err(Error::broker)?;
+            channel
+                .basic_qos(h.queue.prefetch_count(), BasicQosOptions { global: false })
+                .await
+                .map_err(Error::broker)?;
+            let tag = format!("{}/{}", sup.connector.name(), h.queue.handler());
+            let consumer = channel
+                .basic_consume(
+                    h.queue.name().into(),
+                    tag.as_str().try_into().unwrap_or_else(|_| "".into()),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(Error::broker)?;
+            let acker = Acker::spawn(channel.clone());
+            let worker = Arc::new(Worker {
+                queue: h.queue.clone(),
+                service: h.service.clone(),
+                context: Arc::new(Context {
+                    handler: h.queue.handler().to_owned(),
+                    queue: h.queue.name().to_owned(),
+                    publisher: publisher.clone(),
+                }),
+                acker: acker.clone(),
+                metrics: sup.metrics.handler(h.queue.handler(), h.queue.name()),
+                session_failed: session.failed.clone(),
+            });
+            session.ackers.push(acker);
+            let consume = ConsumeLoop {
+                worker,
+                channel,
+                consumer,
+                stop: session.stop.clone(),
+                failed: session.failed.clone(),
+                abort: session.abort.clone(),
+                tracker: session.tracker.clone(),
+                health: sup.health.clone(),
+                index,
+            };
+            sup.health.set_consuming(index, true);
+            session.loops.push(tokio::spawn(consume.run()));
+        }
+        tracing::info!(handlers = sup.handlers.len(), "consuming");
+        Ok(session)
+    }
+
+    /// Graceful: stop deliveries, let in-flight work finish (bounded), send the acks, close.
+    /// Whatever did not finish stays unacked and the broker requeues it on close.
+    async fn drain(self, connection: &Connection, limit: Duration) {
+        self.stop.cancel();
+        for handle in self.loops {
+            let _ = handle.await;
+        }
+        self.tracker.close();
+        if tokio::time::timeout(limit, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?limit,
+                "shutdown timeout: unfinished messages go back to the queue"
+            );
+            self.abort.cancel();
+            self.tracker.wait().await;
+        }
+        for acker in &self.ackers {
+            acker.flush().await;
+        }
+        let _ = connection.close(200, "shutdown".into()).await;
+        tracing::info!("drained and closed");
+    }
+
+    /// After a lost connection: stop everything; the broker has requeued what was unacked.
+    async fn abandon(self, connection: &Connection) {
+        self.stop.cancel();
+        self.abort.cancel();
+        for handle in self.loops {
+            let _ = handle.await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        let _ = connection.close(200, "recovering".into()).await;
+    }
+}
+
+fn watch_connection(connection: &Connection, failed: CancellationToken) {
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(error)) => {
+                        tracing::warn!(error = %crate::connection::redact(&error.to_string()), "connection error");
+                        failed.cancel();
+                        return;
+                    }
+                    Some(_) => {}
+                    None => { failed.cancel(); return; }
+                },
+                _ = failed.cancelled() => return,
+            }
+        }
+    });
+}
+
+struct ConsumeLoop {
+    worker: Arc<Worker>,
+    channel: Channel,
+    consumer: Consumer,
+    stop: CancellationToken,
+    failed: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    health: Arc<Health>,
+    index: usize,
+}
+
+impl ConsumeLoop {
+    /// Pulls deliveries while a concurrency permit is free; each runs in its own task.
+    async fn run(mut self) {
+        let permits = Arc::new(Semaphore::new(self.worker.queue.concurrency));
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = self.failed.cancelled() => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = self.failed.cancelled() => break,
+                next = self.consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    if self.stop.is_cancelled() {
+                        self.worker
+                            .acker
+                            .settle(delivery.delivery_tag, Settle::Requeue);
+                        break;
+                    }
+                    let worker = self.worker.clone();
+                    let abort = self.abort.clone();
+                    self.tracker.spawn(async move {
+                        tokio::select! {
+                            _ = worker.process(delivery) => {}
+                            _ = abort.cancelled() => {}
+                        }
+                        drop(permit);
+                    });
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(handler = %self.worker.queue.handler(), error = %crate::connection::redact(&error.to_string()), "consumer failed");
+                    self.failed.cancel();
+                    break;
+                }
+                None => {
+                    tracing::warn!(handler = %self.worker.queue.handler(), "consumer cancelled by the broker");
+                    self.failed.cancel();
+                    break;
+                }
+            }
+        }
+        self.health.set_consuming(self.index, false);
+        if self.stop.is_cancelled() && !self.failed.is_cancelled() {
+            let _ = self
+                .channel
+                .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+                .await;
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,92 @@
+//! Runtime configuration, from the environment (the demo service's contract) or by hand.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::Error;
+
+/// Default broker URL.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Where to connect, where to serve HTTP, how long to drain.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// One AMQP URL or several comma-separated (cluster failover).
+    pub amqp_url: String,
+    /// `/metrics`, `/health/*`, `/jobs/*`; `None` disables HTTP.
+    pub http_addr: Option<SocketAddr>,
+    /// How long in-flight work may take to finish after a shutdown request.
+    pub shutdown_timeout: Duration,
+    /// The connection name shown in the management UI.
+    pub connection_name: String,
+}
+
+impl Config {
+    /// Connects to `amqp_url`, no HTTP, 30 s shutdown timeout.
+    pub fn new(amqp_url: impl Into<String>) -> Self {
+        Self {
+            amqp_url: amqp_url.into(),
+            http_addr: None,
+            shutdown_timeout: Duration::from_secs(30),
+            connection_name: default_name(),
+        }
+    }
+
+    /// Reads `AMQP_URL`, `COTTONTAIL_HTTP_ADDR` (default `127.0.0.1:9090`; empty disables)
+    /// and `COTTONTAIL_SHUTDOWN_TIMEOUT` (seconds, default 30).
+    pub fn from_env() -> Result<Self, Error> {
+        let mut config =
+            Self::new(std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned()));
+        let http =
+            std::env::var("COTTONTAIL_HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:9090".into());
+        config.http_addr = if http.trim().is_empty() {
+            None
+        } else {
+            Some(http.trim().parse().map_err(|e| {
+                Error::Config(format!(
+                    "COTTONTAIL_HTTP_ADDR '{http}' is not host:port: {e}"
+                ))
+            })?)
+        };
+        if let Ok(secs) = std::env::var("COTTONTAIL_SHUTDOWN_TIMEOUT") {
+            let secs: f64 = secs
+                .trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "COTTONTAIL_SHUTDOWN_TIMEOUT '{secs}' must be a number of seconds"
+                    ))
+                })?;
+            config.shutdown_timeout = Duration::from_secs_f64(secs);
+        }
+        if let Ok(name) = std::env::var("COTTONTAIL_CONNECTION_NAME") {
+            config.connection_name = name;
+        }
+        Ok(config)
+    }
+
+    /// Sets the HTTP address.
+    pub fn http(mut self, addr: SocketAddr) -> Self {
+        self.http_addr = Some(addr);
+        self
+    }
+
+    /// Sets the shutdown timeout.
+    pub fn shutdown_timeout(mut self, limit: Duration) -> Self {
+        self.shutdown_timeout = limit;
+        self
+    }
+
+    /// Sets the connection name (tests use it to close only their own connection).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+}
+
+fn default_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("cottontail@{host}:{}", std::process::id())
+}

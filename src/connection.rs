@@ -1,0 +1,166 @@
+//! Connecting to the broker: several URLs tried in turn (cluster failover), a connection
+//! name operators can find in the management UI, and passwords kept out of every message.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::{Connection, ConnectionProperties};
+
+/// Broker addresses and the connection name.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    urls: Arc<Vec<String>>,
+    name: String,
+    next: Arc<AtomicUsize>,
+}
+
+impl Connector {
+    /// `urls` is one AMQP URL or several separated by commas (`amqp://` or `amqps://`).
+    pub fn new(urls: &str, name: impl Into<String>) -> Result<Self, crate::Error> {
+        let urls: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.is_empty() {
+            return Err(crate::Error::Config("no AMQP URL given".into()));
+        }
+        for url in &urls {
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(crate::Error::Config(format!(
+                    "invalid AMQP URL '{}': {e}",
+                    redact(url)
+                )));
+            }
+        }
+        Ok(Self {
+            urls: Arc::new(urls),
+            name: name.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The connection name shown by `rabbitmqctl list_connections client_properties`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// One connection attempt per URL, starting after the last one that worked.
+    pub async fn connect_once(&self) -> Result<Connection, crate::Error> {
+        let mut last = None;
+        for _ in 0..self.urls.len() {
+            let index = self.next.load(Ordering::Relaxed) % self.urls.len();
+            let url = &self.urls[index];
+            let properties =
+                ConnectionProperties::default().with_connection_name(self.name.clone().into());
+            match Connection::connect(url, properties).await {
+                Ok(conn) => {
+                    tracing::info!(url = %redact(url), name = %self.name, "connected to broker");
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    tracing::warn!(url = %redact(url), error = %redact(&e.to_string()), "connect failed");
+                    self.next.fetch_add(1, Ordering::Relaxed);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(match last {
+            Some(e) => crate::Error::broker(e),
+            None => crate::Error::Broker("no URL".into()),
+        })
+    }
+
+    /// Connects, retrying with exponential backoff (100 ms up to 5 s) until it works or
+    /// `give_up` resolves.
+    pub async fn connect(
+        &self,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Option<Connection> {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        tokio::pin!(give_up);
+        loop {
+            if let Ok(conn) = self.connect_once().await {
+                return Some(conn);
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut give_up => return None,
+            }
+        }
+    }
+}
+
+/// Replaces the password of every `scheme://user:password@` in `text` with `***`.
+///
+/// ```
+/// assert_eq!(
+///     cottontail::redact("amqp://guest:secret@host:5672/%2f"),
+///     "amqp://guest:***@host:5672/%2f"
+/// );
+/// ```
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        let (head, tail) = rest.split_at(pos + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || c == '/' || c == '"' || c == '\'' || c == ',')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_every_password() {
+        let s = "a amqp://u:p@h1/%2f,amqps://v:q@h2:5671 b";
+        assert_eq!(
+            redact("amqp://u:p@h1,amqp://v:q@h2"),
+            "amqp://u:***@h1,amqp://v:***@h2"
+        );
+        assert_eq!(redact(s), "a amqp://u:***@h1/%2f,amqps://v:***@h2:5671 b");
+        assert_eq!(redact("amqp://h/x"), "amqp://h/x");
+        assert_eq!(redact("no urls"), "no urls");
+    }
+
+    #[test]
+    fn rejects_bad_urls_without_echoing_the_password() {
+        let err = Connector::new("http://u:secret@h", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+        assert!(Connector::new(" , ", "t").is_err());
+        assert!(Connector::new("amqp://a/%2f, amqp://b/%2f", "t").is_ok());
+    }
+}

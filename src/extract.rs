@@ -1,0 +1,233 @@
+//! Extractors: the arguments of a handler function.
+//!
+//! Each argument type implements [`FromMessage`]; when extraction fails the handler does not
+//! run and the message is dead-lettered with the extractor's reason (bad input never becomes
+//! a retry loop).
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::HandlerError;
+use crate::headers;
+use crate::message::Message;
+use crate::reply;
+
+/// Builds a handler argument from the message (and the app state).
+///
+/// Implement it for your own types to extract tenant ids, auth claims and the like:
+///
+/// ```
+/// use cottontail::{FromMessage, HandlerError, Message};
+///
+/// struct Tenant(String);
+///
+/// impl<S> FromMessage<S> for Tenant {
+///     fn from_message(msg: &Message, _state: &S) -> Result<Self, HandlerError> {
+///         cottontail::headers::get_string(msg.headers(), "x-tenant")
+///             .map(Tenant)
+///             .ok_or_else(|| HandlerError::invalid_input("missing header x-tenant"))
+///     }
+/// }
+/// ```
+pub trait FromMessage<S>: Sized {
+    /// Extracts the value, or says why the message does not fit this handler.
+    fn from_message(msg: &Message, state: &S) -> Result<Self, HandlerError>;
+}
+
+/// The body, deserialized from JSON. Also the way to reply with JSON.
+///
+/// A body that is not valid JSON for `T` is dead-lettered with kind `invalid_input`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Json<T>(pub T);
+
+impl<S, T: DeserializeOwned> FromMessage<S> for Json<T> {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        serde_json::from_slice(msg.body()).map(Json).map_err(|e| {
+            HandlerError::invalid_input(format!(
+                "body is not valid JSON for {}: {e}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+impl<T: Serialize> Serialize for Json<T> {
+    fn serialize<Ser: serde::Serializer>(&self, s: Ser) -> Result<Ser::Ok, Ser::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// The application state given to [`App::new`](crate::App::new), or a part of it (see
+/// [`FromRef`]), cloned per message (wrap large state in an `Arc`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct State<T>(pub T);
+
+impl<S, T: FromRef<S>> FromMessage<S> for State<T> {
+    fn from_message(_: &Message, state: &S) -> Result<Self, HandlerError> {
+        Ok(State(T::from_ref(state)))
+    }
+}
+
+/// Picks a part of the app state, so handler crates can take `State<TheirPart>` while the
+/// service composes many parts into one state (as in axum).
+///
+/// ```
+/// use cottontail::FromRef;
+///
+/// #[derive(Clone)]
+/// struct Orders;
+/// #[derive(Clone)]
+/// struct AppState { orders: Orders }
+///
+/// impl FromRef<AppState> for Orders {
+///     fn from_ref(state: &AppState) -> Self { state.orders.clone() }
+/// }
+/// ```
+pub trait FromRef<S> {
+    /// Clones the part out of the state.
+    fn from_ref(state: &S) -> Self;
+}
+
+impl<T: Clone> FromRef<T> for T {
+    fn from_ref(state: &T) -> Self {
+        state.clone()
+    }
+}
+
+impl<S> FromMessage<S> for Message {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(msg.clone())
+    }
+}
+
+/// The attempt number: 1 on first delivery, 2 on the first retry, …
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempt(pub u32);
+
+impl<S> FromMessage<S> for Attempt {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(Attempt(msg.attempt()))
+    }
+}
+
+/// The `message_id` property, if the publisher set one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageId(pub Option<String>);
+
+impl<S> FromMessage<S> for MessageId {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(MessageId(msg.message_id().map(str::to_owned)))
+    }
+}
+
+/// The `correlation_id` property, if the publisher set one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorrelationId(pub Option<String>);
+
+impl<S> FromMessage<S> for CorrelationId {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(CorrelationId(msg.correlation_id().map(str::to_owned)))
+    }
+}
+
+/// The message priority (0 when unset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Priority(pub u8);
+
+impl<S> FromMessage<S> for Priority {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(Priority(msg.properties().priority().unwrap_or(0)))
+    }
+}
+
+/// The `x-sequence-key` / `x-sequence` headers of an ordered message.
+///
+/// Rejects (dead-letters) a message whose headers are missing or malformed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    /// The ordering key (e.g. an order id).
+    pub key: String,
+    /// 1, 2, 3… within the key.
+    pub number: u64,
+}
+
+impl<S> FromMessage<S> for Sequence {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        let key = headers::get_string(msg.headers(), headers::SEQUENCE_KEY)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| HandlerError::invalid_input("missing header x-sequence-key"))?;
+        let number = headers::get_u64(msg.headers(), headers::SEQUENCE)
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| {
+                HandlerError::invalid_input("header x-sequence must be an integer >= 1")
+            })?;
+        Ok(Sequence { key, number })
+    }
+}
+
+/// Sends `x-status: progress` replies to the caller while the handler works.
+///
+/// Does nothing when the message has no `reply_to`. Each send waits for the broker's confirm,
+/// so progress arrives in order and before the final reply.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    msg: Message,
+}
+
+impl Progress {
+    /// Sends one progress update (any JSON-serializable value).
+    pub async fn send<T: Serialize>(&self, update: &T) -> Result<(), HandlerError> {
+        let Some(reply_to) = self.msg.reply_to() else {
+            return Ok(());
+        };
+        let body = serde_json::to_vec(update)?;
+        reply::send(
+            self.msg.publisher(),
+            reply_to,
+            self.msg.correlation_id(),
+            reply::Status::Progress,
+            body,
+        )
+        .await
+        .map_err(|e| HandlerError::transient("publish", e.to_string()))
+    }
+}
+
+impl<S> FromMessage<S> for Progress {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(Progress { msg: msg.clone() })
+    }
+}
+
+/// Publishes further messages with publisher confirms, on the handler's connection.
+///
+/// Awaiting [`Outbox::publish`] returns once the broker confirmed, so a handler that forwards
+/// work and then returns `Ok` never acks its input before its output is safe.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    publisher: crate::publisher::Publisher,
+}
+
+impl Outbox {
+    /// Publishes `body` (JSON) to `queue` through the default exchange, persistent, confirmed.
+    pub async fn send_json<T: Serialize>(&self, queue: &str, body: &T) -> Result<(), HandlerError> {
+        let bytes = serde_json::to_vec(body)?;
+        self.publisher
+            .publish_json(queue, &bytes, lapin::BasicProperties::default())
+            .await
+            .map_err(|e| HandlerError::transient("publish", e.to_string()))
+    }
+
+    /// The underlying publisher, for full control over exchange, routing key and properties.
+    pub fn publisher(&self) -> &crate::publisher::Publisher {
+        &self.publisher
+    }
+}
+
+impl<S> FromMessage<S> for Outbox {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(Outbox {
+            publisher: msg.publisher().clone(),
+        })
+    }
+}

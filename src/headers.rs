@@ -1,0 +1,132 @@
+//! Header names of the message contract and tolerant parsers for header values.
+//!
+//! Header values come from any AMQP client in any language, so every parser here accepts
+//! every integer width and numeric strings, and returns `None` (never panics) on anything else.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// Reply status: `ok`, `error` or `progress`.
+pub const STATUS: &str = "x-status";
+/// Human-readable reason a message was dead-lettered.
+pub const ERROR: &str = "x-error";
+/// Machine-readable kind of the error that dead-lettered a message.
+pub const ERROR_KIND: &str = "x-error-kind";
+/// Handler attempts already made for this message (set on retry and dead-letter copies).
+pub const ATTEMPTS: &str = "x-attempts";
+/// Name of the handler that dead-lettered the message.
+pub const HANDLER: &str = "x-handler";
+/// Ordering key of sequence-numbered messages.
+pub const SEQUENCE_KEY: &str = "x-sequence-key";
+/// Position of the message in its key's sequence (1, 2, 3…).
+pub const SEQUENCE: &str = "x-sequence";
+/// Set by quorum queues: how many times the message was returned to the queue.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Set by cottontail on classic queues: how many times the message was redelivered unsettled.
+pub const REDELIVERIES: &str = "x-redeliveries";
+/// The last transient error, carried on retry copies for operators browsing retry queues.
+pub const LAST_ERROR: &str = "x-last-error";
+
+/// Reads a header as a non-negative integer, whatever integer type or numeric string the
+/// publisher used.
+pub fn get_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
+    let value = headers?.inner().get(name)?;
+    value_as_u64(value)
+}
+
+/// Reads a header as text (short or long string; numbers are rendered).
+pub fn get_string(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    let value = headers?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
+        AMQPValue::ByteArray(b) => std::str::from_utf8(b.as_slice()).ok().map(str::to_owned),
+        other => value_as_i128(other).map(|n| n.to_string()),
+    }
+}
+
+/// Converts an AMQP value to `u64` when it holds a non-negative integer.
+pub fn value_as_u64(value: &AMQPValue) -> Option<u64> {
+    value_as_i128(value).and_then(|n| u64::try_from(n).ok())
+}
+
+fn value_as_i128(value: &AMQPValue) -> Option<i128> {
+    Some(match value {
+        AMQPValue::ShortShortInt(n) => i128::from(*n),
+        AMQPValue::ShortShortUInt(n) => i128::from(*n),
+        AMQPValue::ShortInt(n) => i128::from(*n),
+        AMQPValue::ShortUInt(n) => i128::from(*n),
+        AMQPValue::LongInt(n) => i128::from(*n),
+        AMQPValue::LongUInt(n) => i128::from(*n),
+        AMQPValue::LongLongInt(n) => i128::from(*n),
+        AMQPValue::Timestamp(n) => i128::from(*n),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?,
+        _ => return None,
+    })
+}
+
+/// Sets a string header.
+pub fn set_string(table: &mut FieldTable, name: &str, value: impl Into<String>) {
+    table.insert(
+        ShortString::from(name),
+        AMQPValue::LongString(LongString::from(value.into())),
+    );
+}
+
+/// Sets an integer header (as a signed 64-bit value, which every client library reads).
+pub fn set_int(table: &mut FieldTable, name: &str, value: u64) {
+    let value = i64::try_from(value).unwrap_or(i64::MAX);
+    table.insert(ShortString::from(name), AMQPValue::LongLongInt(value));
+}
+
+/// A copy of `table` without the named headers.
+pub fn without(table: Option<&FieldTable>, names: &[&str]) -> FieldTable {
+    let mut out = FieldTable::default();
+    if let Some(table) = table {
+        for (k, v) in table {
+            if !names.contains(&k.as_str()) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_of_every_width_and_numeric_strings_parse() {
+        let mut t = FieldTable::default();
+        t.insert("a".into(), AMQPValue::ShortShortUInt(3));
+        t.insert("b".into(), AMQPValue::LongInt(7));
+        t.insert("c".into(), AMQPValue::LongString("12".into()));
+        t.insert("d".into(), AMQPValue::LongInt(-1));
+        t.insert("e".into(), AMQPValue::Boolean(true));
+        t.insert("f".into(), AMQPValue::LongString(" x ".into()));
+        assert_eq!(get_u64(Some(&t), "a"), Some(3));
+        assert_eq!(get_u64(Some(&t), "b"), Some(7));
+        assert_eq!(get_u64(Some(&t), "c"), Some(12));
+        assert_eq!(get_u64(Some(&t), "d"), None);
+        assert_eq!(get_u64(Some(&t), "e"), None);
+        assert_eq!(get_u64(Some(&t), "f"), None);
+        assert_eq!(get_u64(Some(&t), "missing"), None);
+        assert_eq!(get_u64(None, "a"), None);
+    }
+
+    #[test]
+    fn strings_read_from_any_string_type() {
+        let mut t = FieldTable::default();
+        set_string(&mut t, "s", "hello");
+        t.insert("n".into(), AMQPValue::LongLongInt(42));
+        t.insert("bad".into(), AMQPValue::LongString(vec![0xff, 0xfe].into()));
+        assert_eq!(get_string(Some(&t), "s").as_deref(), Some("hello"));
+        assert_eq!(get_string(Some(&t), "n").as_deref(), Some("42"));
+        assert_eq!(get_string(Some(&t), "bad"), None);
+    }
+}

@@ -1,0 +1,144 @@
+//! The message a handler sees: body, AMQP properties and where it came from.
+
+use std::sync::Arc;
+
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+
+use crate::headers;
+use crate::publisher::Publisher;
+
+/// One delivery, as seen by handlers and extractors. Cheap to clone.
+#[derive(Clone)]
+pub struct Message {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    body: Vec<u8>,
+    properties: BasicProperties,
+    redelivered: bool,
+    attempt: u32,
+    context: Arc<Context>,
+}
+
+/// What a handler's messages share: its name, queue, and the session's publisher.
+pub(crate) struct Context {
+    pub handler: String,
+    pub queue: String,
+    pub publisher: Publisher,
+}
+
+impl Message {
+    pub(crate) fn new(
+        body: Vec<u8>,
+        properties: BasicProperties,
+        redelivered: bool,
+        context: Arc<Context>,
+    ) -> Self {
+        let prior = headers::get_u64(properties.headers().as_ref(), headers::ATTEMPTS).unwrap_or(0);
+        let attempt = u32::try_from(prior.saturating_add(1)).unwrap_or(u32::MAX);
+        Self {
+            inner: Arc::new(Inner {
+                body,
+                properties,
+                redelivered,
+                attempt,
+                context,
+            }),
+        }
+    }
+
+    /// The raw body.
+    pub fn body(&self) -> &[u8] {
+        &self.inner.body
+    }
+
+    /// All AMQP properties (headers, ids, priority, timestamp…).
+    pub fn properties(&self) -> &BasicProperties {
+        &self.inner.properties
+    }
+
+    /// The headers table, if any.
+    pub fn headers(&self) -> Option<&FieldTable> {
+        self.inner.properties.headers().as_ref()
+    }
+
+    /// `message_id`, the idempotency key.
+    pub fn message_id(&self) -> Option<&str> {
+        self.inner
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// `correlation_id`, echoed on replies.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.inner
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// `reply_to`: where replies go.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.inner
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|s| s.as_str())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// This is attempt number N (1 for the first delivery; retries count up).
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+
+    /// The broker's redelivered flag: an earlier delivery was not settled.
+    pub fn redelivered(&self) -> bool {
+        self.inner.redelivered
+    }
+
+    /// The handler's name (defaults to its queue name).
+    pub fn handler(&self) -> &str {
+        &self.inner.context.handler
+    }
+
+    /// The queue this message was consumed from.
+    pub fn queue(&self) -> &str {
+        &self.inner.context.queue
+    }
+
+    /// The same message as the next attempt (immediate in-process retries).
+    pub(crate) fn next_attempt(&self) -> Message {
+        let inner = &self.inner;
+        Message {
+            inner: Arc::new(Inner {
+                body: inner.body.clone(),
+                properties: inner.properties.clone(),
+                redelivered: inner.redelivered,
+                attempt: inner.attempt.saturating_add(1),
+                context: inner.context.clone(),
+            }),
+        }
+    }
+
+    pub(crate) fn publisher(&self) -> &Publisher {
+        &self.inner.context.publisher
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("handler", &self.handler())
+            .field("message_id", &self.message_id())
+            .field("correlation_id", &self.correlation_id())
+            .field("attempt", &self.attempt())
+            .field("bytes", &self.body().len())
+            .finish()
+    }
+}

@@ -1,0 +1,182 @@
+//! Per-handler settings: which queue, how much in flight, retries, priority, timeout.
+
+use std::time::Duration;
+
+use crate::retry::RetryPolicy;
+
+/// The broker queue type of a handler's work queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated, durable, with delivery limits (the default).
+    Quorum,
+    /// Classic queue: needed for `x-max-priority` on RabbitMQ 3.10.
+    Classic,
+}
+
+/// A handler's queue and its settings, built fluently.
+///
+/// ```
+/// use cottontail::{Queue, RetryPolicy};
+/// use std::time::Duration;
+///
+/// let q = Queue::new("thumbnails")
+///     .priority(9)            // classic queue with x-max-priority 9
+///     .concurrency(2)         // at most 2 handler runs at once
+///     .timeout(Duration::from_secs(30))
+///     .retry(RetryPolicy::exponential(Duration::from_secs(1)).max_attempts(4));
+/// assert_eq!(q.name(), "thumbnails");
+/// assert_eq!(q.prefetch_count(), 2); // priority handlers default to prefetch = concurrency
+/// ```
+#[derive(Clone, Debug)]
+pub struct Queue {
+    pub(crate) name: String,
+    pub(crate) handler_name: Option<String>,
+    pub(crate) prefetch: Option<u16>,
+    pub(crate) concurrency: usize,
+    pub(crate) priority: Option<u8>,
+    pub(crate) queue_type: Option<QueueType>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) delivery_limit: u32,
+    pub(crate) expires: Option<Duration>,
+    pub(crate) max_body: usize,
+}
+
+impl Queue {
+    /// Settings for the queue `name` with defaults: quorum queue, concurrency 16, prefetch
+    /// 64, [`RetryPolicy::default`], no timeout, crash-loop limit 10 deliveries, 16 MiB bodies.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            handler_name: None,
+            prefetch: None,
+            concurrency: 16,
+            priority: None,
+            queue_type: None,
+            retry: RetryPolicy::default(),
+            timeout: None,
+            delivery_limit: 10,
+            expires: None,
+            max_body: 16 * 1024 * 1024,
+        }
+    }
+
+    /// The name used in metrics, logs and the `x-handler` header (defaults to the queue name).
+    pub fn handler_name(mut self, name: impl Into<String>) -> Self {
+        self.handler_name = Some(name.into());
+        self
+    }
+
+    /// Unacked messages the broker may push ahead of the handler. Priority handlers default
+    /// to their concurrency (a larger window lets low priorities through ahead of high ones);
+    /// others to 4× concurrency, at least 64.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = Some(n.max(1));
+        self
+    }
+
+    /// Handler runs at once in this process (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Priority levels `0..=max` (a classic queue with `x-max-priority`; RabbitMQ 3.10 quorum
+    /// queues ignore priorities).
+    pub fn priority(mut self, max: u8) -> Self {
+        self.priority = Some(max);
+        self
+    }
+
+    /// Forces the queue type. Quorum is the default; priority handlers need classic.
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = Some(queue_type);
+        self
+    }
+
+    /// How transient failures are retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// A handler run longer than this is cancelled and retried (kind `timeout`).
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Deliveries of one message that end without a verdict (worker crash, lost connection)
+    /// before it is dead-lettered as a crash loop.
+    pub fn delivery_limit(mut self, n: u32) -> Self {
+        self.delivery_limit = n.max(1);
+        self
+    }
+
+    /// Lets the broker delete the queues after this long unused (`x-expires`); for tests
+    /// and ephemeral handlers.
+    pub fn expires(mut self, after: Duration) -> Self {
+        self.expires = Some(after);
+        self
+    }
+
+    /// Bodies larger than this are dead-lettered unread (kind `too_large`).
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// The work queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The dead-letter queue's name: `<queue>.dlq`.
+    pub fn dlq_name(&self) -> String {
+        format!("{}.dlq", self.name)
+    }
+
+    /// The handler's name.
+    pub fn handler(&self) -> &str {
+        self.handler_name.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The effective prefetch count.
+    pub fn prefetch_count(&self) -> u16 {
+        self.prefetch.unwrap_or_else(|| {
+            let c = u16::try_from(self.concurrency).unwrap_or(u16::MAX);
+            if self.priority.is_some() {
+                c
+            } else {
+                c.saturating_mul(4).max(64)
+            }
+        })
+    }
+
+    /// The effective queue type.
+    pub fn effective_type(&self) -> QueueType {
+        self.queue_type.unwrap_or(if self.priority.is_some() {
+            QueueType::Classic
+        } else {
+            QueueType::Quorum
+        })
+    }
+
+    /// Checks combinations the broker would reject or silently ignore.
+    pub(crate) fn validate(&self) -> Result<(), crate::Error> {
+        if self.name.is_empty() || self.name.len() > 200 || self.name.starts_with("amq.") {
+            return Err(crate::Error::Config(format!(
+                "queue name '{}' must be 1-200 bytes and must not start with 'amq.'",
+                self.name
+            )));
+        }
+        if self.priority.is_some() && self.queue_type == Some(QueueType::Quorum) {
+            return Err(crate::Error::Config(format!(
+                "handler '{}': priority levels need a classic queue (RabbitMQ 3.10 quorum queues \
+                 ignore priorities); drop .queue_type(QueueType::Quorum) or drop .priority(..)",
+                self.handler()
+            )));
+        }
+        Ok(())
+    }
+}
