@@ -20,11 +20,15 @@ use crate::connection::Connector;
 use crate::handler::{Handler, Layer, Service};
 use crate::health::Health;
 use crate::http;
+use crate::jobs::{JobRecorder, JobStore, MemoryJobs};
 use crate::message::Context;
 use crate::metrics::Metrics;
-use crate::pipeline::Worker;
+use crate::ordering;
+use crate::pipeline::{Route, Worker};
 use crate::publisher::Publisher;
 use crate::queue::Queue;
+use crate::schedule::{self, Schedule};
+use crate::status::RecentDeadLetters;
 use crate::topology;
 use crate::Error;
 
@@ -57,6 +61,9 @@ pub struct App<S> {
     handlers: Vec<Registered>,
     layers: Vec<Layer>,
     metrics: Metrics,
+    jobs: Arc<dyn JobStore>,
+    schedules: Vec<(Arc<Schedule>, String)>,
+    outputs: Vec<String>,
 }
 
 struct Registered {
@@ -72,7 +79,28 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             handlers: Vec::new(),
             layers: Vec::new(),
             metrics: Metrics::default(),
+            jobs: Arc::new(MemoryJobs::default()),
+            schedules: Vec::new(),
+            outputs: Vec::new(),
         }
+    }
+
+    /// Runs `handler` on `queue` on every tick of `schedule`, fired by exactly one instance
+    /// of the fleet (see [`Schedule`]). The handler receives a [`Tick`](crate::Tick).
+    pub fn schedule<H, Args>(mut self, schedule: Schedule, queue: Queue, handler: H) -> Self
+    where
+        H: Handler<Args, S>,
+    {
+        self.schedules
+            .push((Arc::new(schedule), queue.name().to_owned()));
+        self.handler(queue, handler)
+    }
+
+    /// Declares a durable (quorum) queue that handlers publish results into, so it exists
+    /// before the first publish (publishes are `mandatory`).
+    pub fn output(mut self, queue: impl Into<String>) -> Self {
+        self.outputs.push(queue.into());
+        self
     }
 
     /// Registers `handler` on `queue`.
@@ -98,6 +126,12 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     /// Uses `metrics` (and its registry) instead of a fresh one.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Stores job statuses (`/jobs/{message_id}`) in `store` instead of process memory.
+    pub fn job_store(mut self, store: impl JobStore) -> Self {
+        self.jobs = Arc::new(store);
         self
     }
 
@@ -133,11 +167,12 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 pair[0]
             )));
         }
-        let connector = Connector::new(&config.amqp_url, config.connection_name.clone())?;
+        let connector = config.connector()?;
         let health = Arc::new(Health::new(
             self.handlers.iter().map(|h| h.queue.handler().to_owned()),
         ));
         let stop = CancellationToken::new();
+        let recent = RecentDeadLetters::default();
         let http_addr = match config.http_addr {
             Some(addr) => Some(
                 http::serve(
@@ -145,6 +180,8 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                     http::HttpState {
                         metrics: self.metrics.clone(),
                         health: health.clone(),
+                        jobs: self.jobs.clone(),
+                        recent: recent.clone(),
                     },
                     stop.child_token(),
                 )
@@ -169,6 +206,11 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             health: health.clone(),
             metrics: self.metrics.clone(),
             shutdown_timeout: config.shutdown_timeout,
+            jobs: self.jobs.clone(),
+            schedules: self.schedules,
+            outputs: self.outputs,
+            recent,
+            owner: format!("{}#{:08x}", config.connection_name, fastrand::u32(..)).into(),
         };
         let join = tokio::spawn(supervisor.run(stop.clone()));
         Ok(Running {
@@ -238,6 +280,11 @@ struct Supervisor {
     health: Arc<Health>,
     metrics: Metrics,
     shutdown_timeout: Duration,
+    jobs: Arc<dyn JobStore>,
+    schedules: Vec<(Arc<Schedule>, String)>,
+    outputs: Vec<String>,
+    recent: RecentDeadLetters,
+    owner: Arc<str>,
 }
 
 impl Supervisor {
@@ -247,6 +294,7 @@ impl Supervisor {
             let Some(connection) = self.connector.connect(stop.cancelled()).await else {
                 return Ok(());
             };
+            let connection = Arc::new(connection);
             sessions += 1;
             if sessions > 1 {
                 self.metrics.recovered();
@@ -300,9 +348,12 @@ struct Session {
 }
 
 impl Session {
-    async fn start(connection: &Connection, sup: &Supervisor) -> Result<Session, Error> {
+    async fn start(connection: &Arc<Connection>, sup: &Supervisor) -> Result<Session, Error> {
         for h in &sup.handlers {
             topology::declare(connection, &h.queue).await?;
+        }
+        for output in &sup.outputs {
+            topology::declare_output(connection, output).await?;
         }
         let failed = CancellationToken::new();
         watch_connection(connection, failed.clone());
@@ -328,25 +379,60 @@ impl Session {
             let consumer = channel
                 .basic_consume(
                     h.queue.name().into(),
-                    tag.as_str().try_into().unwrap_or_else(|_| "".into()),
+                    lapin::types::ShortString::try_new(tag).unwrap_or_else(|_| "".into()),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
                 .await
                 .map_err(Error::broker)?;
             let acker = Acker::spawn(channel.clone());
-            let worker = Arc::new(Worker {
-                queue: h.queue.clone(),
-                service: h.service.clone(),
-                context: Arc::new(Context {
+            let make_worker = {
+                let (h_queue, h_service) = (h.queue.clone(), h.service.clone());
+                let context = Arc::new(Context {
                     handler: h.queue.handler().to_owned(),
                     queue: h.queue.name().to_owned(),
                     publisher: publisher.clone(),
-                }),
-                acker: acker.clone(),
-                metrics: sup.metrics.handler(h.queue.handler(), h.queue.name()),
-                session_failed: session.failed.clone(),
-            });
+                });
+                let metrics = sup.metrics.handler(h.queue.handler(), h.queue.name());
+                let failed = session.failed.clone();
+                let owner = sup.owner.clone();
+                let recent = sup.recent.clone();
+                let jobs = h
+                    .queue
+                    .track_jobs
+                    .then(|| JobRecorder::new(sup.jobs.clone(), h.queue.handler()));
+                move |acker: Acker| Worker {
+                    queue: h_queue.clone(),
+                    service: h_service.clone(),
+                    context: context.clone(),
+                    acker,
+                    metrics: metrics.clone(),
+                    session_failed: failed.clone(),
+                    owner: owner.clone(),
+                    recent: recent.clone(),
+                    claims: Default::default(),
+                    jobs: jobs.clone(),
+                    route: None,
+                }
+            };
+            let mut worker = make_worker(acker.clone());
+            if let Some(ordering) = &h.queue.ordering {
+                // The entry queue only routes to partitions; partitions are owned by
+                // `ordering::balance`.
+                worker.route = Some(Route {
+                    partitions: ordering.partitions,
+                });
+                session.loops.push(tokio::spawn(ordering::balance(
+                    h.queue.name().to_owned(),
+                    ordering.clone(),
+                    connection.clone(),
+                    Arc::new(make_worker.clone()),
+                    sup.metrics.ordering(h.queue.handler(), h.queue.name()),
+                    session.stop.clone(),
+                    session.failed.clone(),
+                )));
+            }
+            let worker = Arc::new(worker);
             session.ackers.push(acker);
             let consume = ConsumeLoop {
                 worker,
@@ -361,6 +447,16 @@ impl Session {
             };
             sup.health.set_consuming(index, true);
             session.loops.push(tokio::spawn(consume.run()));
+        }
+        for (schedule, target) in &sup.schedules {
+            session.loops.push(tokio::spawn(schedule::run(
+                schedule.clone(),
+                target.clone(),
+                connection.clone(),
+                publisher.clone(),
+                sup.metrics.schedule(schedule.name()),
+                session.stop.clone(),
+            )));
         }
         tracing::info!(handlers = sup.handlers.len(), "consuming");
         Ok(session)
@@ -388,6 +484,8 @@ impl Session {
         for acker in &self.ackers {
             acker.flush().await;
         }
+        // Our own close is not a failure: stop watching first.
+        self.failed.cancel();
         let _ = connection.close(200, "shutdown".into()).await;
         tracing::info!("drained and closed");
     }
@@ -411,6 +509,11 @@ fn watch_connection(connection: &Connection, failed: CancellationToken) {
         loop {
             tokio::select! {
                 event = events.next() => match event {
+                    Some(lapin::Event::Error(error)) if is_channel_error(&error) => {
+                        // A channel-level (soft) error closes that channel only; whoever
+                        // used it handles it. The connection is fine.
+                        tracing::debug!(error = %crate::connection::redact(&error.to_string()), "channel error");
+                    }
                     Some(lapin::Event::Error(error)) => {
                         tracing::warn!(error = %crate::connection::redact(&error.to_string()), "connection error");
                         failed.cancel();
@@ -423,6 +526,13 @@ fn watch_connection(connection: &Connection, failed: CancellationToken) {
             }
         }
     });
+}
+
+fn is_channel_error(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+    )
 }
 
 struct ConsumeLoop {
@@ -440,7 +550,7 @@ struct ConsumeLoop {
 impl ConsumeLoop {
     /// Pulls deliveries while a concurrency permit is free; each runs in its own task.
     async fn run(mut self) {
-        let permits = Arc::new(Semaphore::new(self.worker.queue.concurrency));
+        let permits = Arc::new(Semaphore::new(self.worker.queue.effective_concurrency()));
         loop {
             let permit = tokio::select! {
                 biased;

@@ -19,6 +19,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// The connection name shown in the management UI.
     pub connection_name: String,
+    /// PEM file of a private CA to trust for `amqps://` (`AMQP_TLS_CA_FILE`).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -29,6 +31,7 @@ impl Config {
             http_addr: None,
             shutdown_timeout: Duration::from_secs(30),
             connection_name: default_name(),
+            tls_ca_file: None,
         }
     }
 
@@ -61,6 +64,11 @@ impl Config {
                 })?;
             config.shutdown_timeout = Duration::from_secs_f64(secs);
         }
+        if let Ok(path) = std::env::var("AMQP_TLS_CA_FILE") {
+            if !path.trim().is_empty() {
+                config.tls_ca_file = Some(path.trim().into());
+            }
+        }
         if let Ok(name) = std::env::var("COTTONTAIL_CONNECTION_NAME") {
             config.connection_name = name;
         }
@@ -77,6 +85,26 @@ impl Config {
     pub fn shutdown_timeout(mut self, limit: Duration) -> Self {
         self.shutdown_timeout = limit;
         self
+    }
+
+    /// Trusts the CA in this PEM file for `amqps://`.
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Builds the [`Connector`](crate::Connector) this configuration describes.
+    pub fn connector(&self) -> Result<crate::Connector, Error> {
+        let connector = crate::Connector::new(&self.amqp_url, self.connection_name.clone())?;
+        match &self.tls_ca_file {
+            Some(path) => {
+                let pem = std::fs::read_to_string(path).map_err(|e| {
+                    Error::Config(format!("cannot read TLS CA file {}: {e}", path.display()))
+                })?;
+                Ok(connector.with_tls_ca(pem))
+            }
+            None => Ok(connector),
+        }
     }
 
     /// Sets the connection name (tests use it to close only their own connection).

@@ -14,6 +14,7 @@ pub struct Connector {
     urls: Arc<Vec<String>>,
     name: String,
     next: Arc<AtomicUsize>,
+    tls_ca_pem: Option<Arc<String>>,
 }
 
 impl Connector {
@@ -40,7 +41,15 @@ impl Connector {
             urls: Arc::new(urls),
             name: name.into(),
             next: Arc::new(AtomicUsize::new(0)),
+            tls_ca_pem: None,
         })
+    }
+
+    /// Trusts the CA certificates in `pem` (PEM text) for `amqps://` URLs, in addition to the
+    /// system's roots: for brokers with certificates from a private CA.
+    pub fn with_tls_ca(mut self, pem: impl Into<String>) -> Self {
+        self.tls_ca_pem = Some(Arc::new(pem.into()));
+        self
     }
 
     /// The connection name shown by `rabbitmqctl list_connections client_properties`.
@@ -56,7 +65,20 @@ impl Connector {
             let url = &self.urls[index];
             let properties =
                 ConnectionProperties::default().with_connection_name(self.name.clone().into());
-            match Connection::connect(url, properties).await {
+            let attempt = match &self.tls_ca_pem {
+                Some(pem) => match lapin::runtime::default_runtime() {
+                    Ok(runtime) => {
+                        let tls = lapin::tcp::OwnedTLSConfig {
+                            identity: None,
+                            cert_chain: Some(pem.as_str().to_owned()),
+                        };
+                        Connection::connect_with_config(url, properties, tls, runtime).await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => Connection::connect(url, properties).await,
+            };
+            match attempt {
                 Ok(conn) => {
                     tracing::info!(url = %redact(url), name = %self.name, "connected to broker");
                     return Ok(conn);

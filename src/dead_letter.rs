@@ -65,6 +65,44 @@ pub(crate) async fn schedule_retry(
         .await
 }
 
+/// Puts the message aside for `delay` without counting an attempt (its id is busy on
+/// another instance).
+pub(crate) async fn park(
+    msg: &Message,
+    delay: Duration,
+    held_since_ms: Option<u64>,
+) -> Result<(), PublishError> {
+    let mut table = headers::without(
+        msg.headers(),
+        &[headers::DELIVERY_COUNT, headers::REDELIVERIES],
+    );
+    if let Some(since) = held_since_ms {
+        headers::set_int(&mut table, headers::HELD_SINCE, since);
+    }
+    let properties = copy_properties(msg.properties()).with_headers(table);
+    msg.publisher()
+        .publish(
+            "",
+            &retry::tier_queue(msg.queue(), delay),
+            msg.body(),
+            properties,
+            true,
+        )
+        .await
+}
+
+/// Moves the message, intact, to `queue` (an ordered handler's partition).
+pub(crate) async fn forward(msg: &Message, queue: &str) -> Result<(), PublishError> {
+    let table = headers::without(
+        msg.headers(),
+        &[headers::DELIVERY_COUNT, headers::REDELIVERIES],
+    );
+    let properties = copy_properties(msg.properties()).with_headers(table);
+    msg.publisher()
+        .publish("", queue, msg.body(), properties, true)
+        .await
+}
+
 /// Re-enqueues a redelivered message on a classic queue with its redelivery count bumped, so
 /// crash loops are counted without `x-delivery-count` (quorum queues only).
 pub(crate) async fn requeue_counted(msg: &Message, redeliveries: u64) -> Result<(), PublishError> {

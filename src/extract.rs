@@ -187,6 +187,7 @@ impl Progress {
             self.msg.correlation_id(),
             reply::Status::Progress,
             body,
+            Some(self.msg.trace()),
         )
         .await
         .map_err(|e| HandlerError::transient("publish", e.to_string()))
@@ -206,14 +207,25 @@ impl<S> FromMessage<S> for Progress {
 #[derive(Clone, Debug)]
 pub struct Outbox {
     publisher: crate::publisher::Publisher,
+    trace: crate::TraceContext,
 }
 
 impl Outbox {
     /// Publishes `body` (JSON) to `queue` through the default exchange, persistent, confirmed.
     pub async fn send_json<T: Serialize>(&self, queue: &str, body: &T) -> Result<(), HandlerError> {
         let bytes = serde_json::to_vec(body)?;
+        let mut table = lapin::types::FieldTable::default();
+        headers::set_string(
+            &mut table,
+            crate::TRACEPARENT,
+            self.trace.child().to_string(),
+        );
         self.publisher
-            .publish_json(queue, &bytes, lapin::BasicProperties::default())
+            .publish_json(
+                queue,
+                &bytes,
+                lapin::BasicProperties::default().with_headers(table),
+            )
             .await
             .map_err(|e| HandlerError::transient("publish", e.to_string()))
     }
@@ -224,10 +236,17 @@ impl Outbox {
     }
 }
 
+impl<S> FromMessage<S> for crate::TraceContext {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(msg.trace())
+    }
+}
+
 impl<S> FromMessage<S> for Outbox {
     fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
         Ok(Outbox {
             publisher: msg.publisher().clone(),
+            trace: msg.trace(),
         })
     }
 }

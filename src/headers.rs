@@ -23,6 +23,8 @@ pub const SEQUENCE: &str = "x-sequence";
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
 /// Set by cottontail on classic queues: how many times the message was redelivered unsettled.
 pub const REDELIVERIES: &str = "x-redeliveries";
+/// When a held ordered message started waiting for its gap to fill (ms since the epoch).
+pub const HELD_SINCE: &str = "x-held-since";
 /// The last transient error, carried on retry copies for operators browsing retry queues.
 pub const LAST_ERROR: &str = "x-last-error";
 

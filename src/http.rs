@@ -11,16 +11,22 @@ use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
+use crate::jobs::JobStore;
 use crate::metrics::Metrics;
+use crate::status::{self, RecentDeadLetters};
 
 #[derive(Clone)]
 pub(crate) struct HttpState {
     pub metrics: Metrics,
     pub health: Arc<Health>,
+    pub jobs: Arc<dyn JobStore>,
+    pub recent: RecentDeadLetters,
 }
 
 pub(crate) fn router(state: HttpState) -> Router {
     Router::new()
+        .route("/", get(|| async { axum::response::Html(status::PAGE) }))
+        .route("/status.json", get(status_json))
         .route("/metrics", get(metrics))
         .route("/health/live", get(|| async { "live" }))
         .route("/health/ready", get(ready))
@@ -59,6 +65,14 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
+async fn status_json(State(state): State<HttpState>) -> impl IntoResponse {
+    Json(status::snapshot(
+        &state.metrics,
+        &state.health,
+        &state.recent,
+    ))
+}
+
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     let handlers: serde_json::Map<String, serde_json::Value> = state
         .health
@@ -79,9 +93,16 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     (code, Json(body))
 }
 
-async fn job(Path(message_id): Path<String>) -> impl IntoResponse {
-    (
-        StatusCode::NOT_FOUND,
-        Json(serde_json::json!({"error": "unknown job", "message_id": message_id})),
-    )
+async fn job(State(state): State<HttpState>, Path(message_id): Path<String>) -> impl IntoResponse {
+    match state.jobs.get(&message_id).await {
+        Ok(Some(status)) => (StatusCode::OK, Json(serde_json::json!(status))),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "unknown job", "message_id": message_id})),
+        ),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": format!("job store: {error}")})),
+        ),
+    }
 }

@@ -55,28 +55,39 @@
 
 mod acker;
 mod app;
+pub mod client;
 mod config;
 mod connection;
 mod dead_letter;
+pub mod dedup;
 mod error;
 mod extract;
 mod handler;
 pub mod headers;
 mod health;
 mod http;
+mod jobs;
 mod message;
 mod metrics;
+mod ordering;
 mod outcome;
 mod pipeline;
 mod publisher;
 mod queue;
 pub mod reply;
+mod resequencer;
 mod retry;
+mod schedule;
+mod status;
+pub mod stores;
 mod topology;
+mod trace_context;
 
 pub use app::{App, Running};
+pub use client::{Call, Client, ClientBuilder, PublishOptions, RequestOptions, RpcError};
 pub use config::{Config, DEFAULT_AMQP_URL};
 pub use connection::{redact, Connector};
+pub use dedup::{Dedup, DedupStore, MemoryStore};
 pub use error::{Disposition, Error, HandlerError};
 pub use extract::{
     Attempt, CorrelationId, FromMessage, FromRef, Json, MessageId, Outbox, Priority, Progress,
@@ -84,13 +95,20 @@ pub use extract::{
 };
 pub use handler::{from_fn, BoxFuture, Handler, Layer, Next, Service};
 pub use health::Health;
+pub use jobs::{JobStatus, JobStore, MemoryJobs};
 pub use message::Message;
 pub use metrics::Metrics;
+pub use ordering::{
+    members_queue, partition_of, partition_queue, sequence_headers, GapPolicy, MemorySequences,
+    MemoryStamper, Ordering, SequenceStamper, SequenceStore,
+};
 pub use outcome::{IntoOutcome, Outcome};
 pub use publisher::{PublishError, Publisher};
 pub use queue::{Queue, QueueType};
 pub use retry::{tier_queue, RetryPolicy};
+pub use schedule::{Missed, Schedule, Tick};
 pub use topology::DEAD_LETTER_EXCHANGE;
+pub use trace_context::{TraceContext, TRACEPARENT};
 
 /// Re-exported so handler crates use the same lapin as cottontail.
 pub use lapin;

@@ -7,6 +7,7 @@ use lapin::BasicProperties;
 
 use crate::headers;
 use crate::publisher::Publisher;
+use crate::trace_context::{TraceContext, TRACEPARENT};
 
 /// One delivery, as seen by handlers and extractors. Cheap to clone.
 #[derive(Clone)]
@@ -19,6 +20,7 @@ struct Inner {
     properties: BasicProperties,
     redelivered: bool,
     attempt: u32,
+    trace: TraceContext,
     context: Arc<Context>,
 }
 
@@ -38,12 +40,16 @@ impl Message {
     ) -> Self {
         let prior = headers::get_u64(properties.headers().as_ref(), headers::ATTEMPTS).unwrap_or(0);
         let attempt = u32::try_from(prior.saturating_add(1)).unwrap_or(u32::MAX);
+        let trace = headers::get_string(properties.headers().as_ref(), TRACEPARENT)
+            .and_then(|v| TraceContext::parse(&v))
+            .map_or_else(TraceContext::new_root, |parent| parent.child());
         Self {
             inner: Arc::new(Inner {
                 body,
                 properties,
                 redelivered,
                 attempt,
+                trace,
                 context,
             }),
         }
@@ -97,6 +103,12 @@ impl Message {
         self.inner.attempt
     }
 
+    /// This handling's trace context: the `traceparent` header's trace with a new span id, or
+    /// a new trace when the message carried none. Replies and forwarded messages carry it.
+    pub fn trace(&self) -> TraceContext {
+        self.inner.trace
+    }
+
     /// The broker's redelivered flag: an earlier delivery was not settled.
     pub fn redelivered(&self) -> bool {
         self.inner.redelivered
@@ -121,6 +133,7 @@ impl Message {
                 properties: inner.properties.clone(),
                 redelivered: inner.redelivered,
                 attempt: inner.attempt.saturating_add(1),
+                trace: inner.trace,
                 context: inner.context.clone(),
             }),
         }

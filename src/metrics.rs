@@ -20,6 +20,14 @@ pub struct Metrics {
     connection_up: IntGauge,
     recoveries: IntCounter,
     confirm_seconds: Histogram,
+    schedule_fires: IntCounterVec,
+    schedule_leader: IntGaugeVec,
+    ordering_held: IntGaugeVec,
+    ordering_holds: IntCounterVec,
+    ordering_parked: IntCounterVec,
+    ordering_gaps: IntGaugeVec,
+    ordering_skipped: IntCounterVec,
+    ordering_partitions: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -107,6 +115,70 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("static metric definition");
+        let schedule_fires = IntCounterVec::new(
+            Opts::new(
+                "cottontail_schedule_fires_total",
+                "Schedule ticks fired by this instance",
+            ),
+            &["schedule"],
+        )
+        .expect("static metric definition");
+        let schedule_leader = IntGaugeVec::new(
+            Opts::new(
+                "cottontail_schedule_leader",
+                "1 while this instance leads the schedule",
+            ),
+            &["schedule"],
+        )
+        .expect("static metric definition");
+        let ordering_held = IntGaugeVec::new(
+            Opts::new(
+                "cottontail_ordering_held",
+                "Out-of-order messages held in memory",
+            ),
+            hl,
+        )
+        .expect("static metric definition");
+        let ordering_holds = IntCounterVec::new(
+            Opts::new(
+                "cottontail_ordering_holds_total",
+                "Messages that arrived ahead of their key's next number",
+            ),
+            hl,
+        )
+        .expect("static metric definition");
+        let ordering_parked = IntCounterVec::new(
+            Opts::new(
+                "cottontail_ordering_parked_total",
+                "Held messages parked in the broker (hold limit)",
+            ),
+            hl,
+        )
+        .expect("static metric definition");
+        let ordering_gaps = IntGaugeVec::new(
+            Opts::new(
+                "cottontail_ordering_gaps",
+                "Keys waiting for a missing number past the gap timeout",
+            ),
+            hl,
+        )
+        .expect("static metric definition");
+        let ordering_skipped = IntCounterVec::new(
+            Opts::new(
+                "cottontail_ordering_gap_actions_total",
+                "Gap timeouts acted on (skipped or dead-lettered)",
+            ),
+            hl,
+        )
+        .expect("static metric definition");
+        let ordering_partitions = IntGaugeVec::new(
+            Opts::new(
+                "cottontail_ordering_partitions_owned",
+                "Partitions this instance consumes",
+            ),
+            hl,
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(messages.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -118,6 +190,14 @@ impl Metrics {
             Box::new(connection_up.clone()),
             Box::new(recoveries.clone()),
             Box::new(confirm_seconds.clone()),
+            Box::new(schedule_fires.clone()),
+            Box::new(schedule_leader.clone()),
+            Box::new(ordering_held.clone()),
+            Box::new(ordering_holds.clone()),
+            Box::new(ordering_parked.clone()),
+            Box::new(ordering_gaps.clone()),
+            Box::new(ordering_skipped.clone()),
+            Box::new(ordering_partitions.clone()),
         ] {
             // Registering twice in one registry is the only failure; ignore it so two apps
             // can share a registry.
@@ -135,6 +215,33 @@ impl Metrics {
             connection_up,
             recoveries,
             confirm_seconds,
+            schedule_fires,
+            schedule_leader,
+            ordering_held,
+            ordering_holds,
+            ordering_parked,
+            ordering_gaps,
+            ordering_skipped,
+            ordering_partitions,
+        }
+    }
+
+    pub(crate) fn ordering(&self, handler: &str, queue: &str) -> OrderingMetrics {
+        let l = [handler, queue];
+        OrderingMetrics {
+            held: self.ordering_held.with_label_values(&l),
+            holds: self.ordering_holds.with_label_values(&l),
+            parked: self.ordering_parked.with_label_values(&l),
+            gaps: self.ordering_gaps.with_label_values(&l),
+            skipped: self.ordering_skipped.with_label_values(&l),
+            partitions: self.ordering_partitions.with_label_values(&l),
+        }
+    }
+
+    pub(crate) fn schedule(&self, name: &str) -> ScheduleMetrics {
+        ScheduleMetrics {
+            fires: self.schedule_fires.with_label_values(&[name]),
+            leader: self.schedule_leader.with_label_values(&[name]),
         }
     }
 
@@ -196,7 +303,6 @@ pub(crate) struct HandlerMetrics {
     pub ok: IntCounter,
     pub retried: IntCounter,
     pub dead_lettered: IntCounter,
-    #[allow(dead_code)]
     pub duplicate: IntCounter,
     pub duration: Histogram,
     pub in_flight: IntGauge,
@@ -222,4 +328,22 @@ impl HandlerMetrics {
             .with_label_values(&[&self.handler, &self.queue, kind])
             .inc();
     }
+}
+
+/// One schedule's handles.
+#[derive(Clone)]
+pub(crate) struct ScheduleMetrics {
+    pub fires: IntCounter,
+    pub leader: IntGauge,
+}
+
+/// One ordered handler's handles (shared by its partitions in this instance).
+#[derive(Clone)]
+pub(crate) struct OrderingMetrics {
+    pub held: IntGauge,
+    pub holds: IntCounter,
+    pub parked: IntCounter,
+    pub gaps: IntGauge,
+    pub skipped: IntCounter,
+    pub partitions: IntGauge,
 }

@@ -18,15 +18,50 @@ use tracing::Instrument;
 
 use crate::acker::{Acker, Settle};
 use crate::dead_letter;
+use crate::dedup::{Claim, Dedup};
 use crate::error::HandlerError;
+use crate::extract::FromMessage;
 use crate::handler::Service;
 use crate::headers;
+use crate::jobs::JobRecorder;
 use crate::message::{Context, Message};
 use crate::metrics::HandlerMetrics;
 use crate::outcome::Outcome;
 use crate::publisher::PublishError;
 use crate::queue::{Queue, QueueType};
 use crate::reply::{self, Status};
+use crate::status::RecentDeadLetters;
+
+/// How a message left the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The handler succeeded (reply confirmed).
+    Done,
+    /// Already succeeded before (dedup); the cached reply was sent.
+    Duplicate,
+    /// A retry copy waits in the broker.
+    Retried,
+    /// Dead-lettered with its reason.
+    DeadLettered,
+    /// A copy was re-enqueued (classic redelivery count, busy id, parked, routed).
+    Moved,
+    /// A publish failed: give the delivery back to the queue.
+    Requeue,
+}
+
+impl Verdict {
+    pub(crate) fn settle(self) -> Settle {
+        match self {
+            Verdict::Requeue => Settle::Requeue,
+            _ => Settle::Ack,
+        }
+    }
+}
+
+/// Routes ordered messages from the handler's entry queue to its partition queues.
+pub(crate) struct Route {
+    pub partitions: u16,
+}
 
 /// Everything one handler needs to process deliveries within one connection session.
 pub(crate) struct Worker {
@@ -37,38 +72,82 @@ pub(crate) struct Worker {
     pub metrics: HandlerMetrics,
     /// Cancelled when a publish fails for connection reasons: the session must restart.
     pub session_failed: CancellationToken,
+    /// Job status recording, when enabled for the handler.
+    pub jobs: Option<JobRecorder>,
+    /// This instance's identity; with a counter, each claim's owner token.
+    pub owner: Arc<str>,
+    pub claims: std::sync::atomic::AtomicU64,
+    /// Feeds the status page's recent dead-letters.
+    pub recent: RecentDeadLetters,
+    /// Set on an ordered handler's entry-queue worker: route instead of handling.
+    pub route: Option<Route>,
 }
 
 impl Worker {
     /// Processes one delivery to its verdict.
     pub(crate) async fn process(&self, delivery: Delivery) {
         let tag = delivery.delivery_tag;
-        let msg = Message::new(
-            delivery.data,
-            delivery.properties,
-            delivery.redelivered,
-            self.context.clone(),
-        );
-        let span = tracing::info_span!(
+        let msg = self.message(delivery.data, delivery.properties, delivery.redelivered);
+        let span = Self::span(&msg);
+        let verdict = self.decide(msg).instrument(span).await;
+        self.acker.settle(tag, verdict.settle());
+    }
+
+    /// The span every message is handled in.
+    pub(crate) fn span(msg: &Message) -> tracing::Span {
+        tracing::info_span!(
             "message",
             handler = %msg.handler(),
             queue = %msg.queue(),
             message_id = msg.message_id().unwrap_or(""),
             correlation_id = msg.correlation_id().unwrap_or(""),
             attempt = msg.attempt(),
-        );
-        let verdict = self.decide(msg).instrument(span).await;
-        self.acker.settle(tag, verdict);
+            trace_id = %msg.trace().trace_id_hex(),
+            span_id = %msg.trace().span_id_hex(),
+        )
     }
 
-    async fn decide(&self, msg: Message) -> Settle {
+    /// Builds the handler-facing message from a delivery.
+    pub(crate) fn message(
+        &self,
+        data: Vec<u8>,
+        properties: lapin::BasicProperties,
+        redelivered: bool,
+    ) -> Message {
+        Message::new(data, properties, redelivered, self.context.clone())
+    }
+
+    async fn decide(&self, msg: Message) -> Verdict {
         self.observe_age(&msg);
         if let Some(verdict) = self.guard(&msg).await {
             return verdict;
         }
+        if let Some(route) = &self.route {
+            return self.route(&msg, route).await;
+        }
+        self.handle(msg).await
+    }
+
+    /// Claim, run, reply/retry/dead-letter: everything after the guards.
+    pub(crate) async fn handle(&self, msg: Message) -> Verdict {
+        let token = self
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let owner = format!("{}/{token}", self.owner);
+        let claimed = match self.claim(&msg, &owner).await {
+            Ok(claimed) => claimed,
+            Err(verdict) => return verdict,
+        };
         let (msg, outcome) = self.run(msg).await;
+        if let Some(dedup) = claimed {
+            self.settle_claim(dedup, &msg, &owner, &outcome).await;
+        }
         match outcome {
             Outcome::Done(body) => {
+                self.job(&msg, "succeeded", |j| {
+                    j.result = serde_json::from_slice(&body).ok();
+                })
+                .await;
                 if let Some(reply_to) = msg.reply_to() {
                     let sent = reply::send(
                         msg.publisher(),
@@ -76,6 +155,7 @@ impl Worker {
                         msg.correlation_id(),
                         Status::Ok,
                         body,
+                        Some(msg.trace()),
                     )
                     .await;
                     if let Err(e) = sent {
@@ -84,14 +164,82 @@ impl Worker {
                     self.metrics.reply_ok.inc();
                 }
                 self.metrics.ok.inc();
-                Settle::Ack
+                Verdict::Done
             }
             Outcome::Failed(error) => self.fail(&msg, error).await,
         }
     }
 
+    /// Claims the message id in the dedup store. `Ok(Some)` = run it (and settle the claim
+    /// after); `Ok(None)` = run it, no dedup; `Err(verdict)` = do not run it.
+    async fn claim(&self, msg: &Message, owner: &str) -> Result<Option<&Dedup>, Verdict> {
+        let (Some(dedup), Some(id)) = (&self.queue.dedup, msg.message_id()) else {
+            return Ok(None);
+        };
+        match dedup
+            .store
+            .claim(msg.handler(), id, owner, dedup.lease)
+            .await
+        {
+            Ok(Claim::Acquired) => Ok(Some(dedup)),
+            Ok(Claim::Done { reply }) => {
+                tracing::debug!("duplicate of a message that already succeeded");
+                if let Some(reply_to) = msg.reply_to() {
+                    let body = reply.unwrap_or_else(|| b"null".to_vec());
+                    let sent = reply::send(
+                        msg.publisher(),
+                        reply_to,
+                        msg.correlation_id(),
+                        Status::Ok,
+                        body,
+                        Some(msg.trace()),
+                    )
+                    .await;
+                    if let Err(e) = sent {
+                        return Err(self.publish_failed(e));
+                    }
+                    self.metrics.reply_ok.inc();
+                }
+                self.metrics.duplicate.inc();
+                Err(Verdict::Duplicate)
+            }
+            Ok(Claim::Busy) => {
+                tracing::debug!(delay = ?dedup.busy_delay, "message id busy on another instance; parked");
+                Err(match dead_letter::park(msg, dedup.busy_delay, None).await {
+                    Ok(()) => Verdict::Moved,
+                    Err(e) => self.publish_failed(e),
+                })
+            }
+            Err(error) => {
+                // Never run without the check: a store outage is a transient failure.
+                let error = HandlerError::transient("store_unavailable", error.to_string());
+                Err(self.fail(msg, error).await)
+            }
+        }
+    }
+
+    /// Records success (with the reply) or releases the claim so a retry can run.
+    async fn settle_claim(&self, dedup: &Dedup, msg: &Message, owner: &str, outcome: &Outcome) {
+        let Some(id) = msg.message_id() else { return };
+        let result = match outcome {
+            Outcome::Done(body) => {
+                let reply = msg.reply_to().map(|_| body.clone());
+                dedup
+                    .store
+                    .complete(msg.handler(), id, owner, reply, dedup.retention)
+                    .await
+            }
+            Outcome::Failed(_) => dedup.store.release(msg.handler(), id, owner).await,
+        };
+        if let Err(error) = result {
+            // The handler ran; the lease lapses by itself. Duplicates become possible again
+            // after it does, which at-least-once delivery allows.
+            tracing::warn!(%error, "dedup store not updated");
+        }
+    }
+
     /// Checks that run before the handler: oversized bodies and crash loops.
-    async fn guard(&self, msg: &Message) -> Option<Settle> {
+    pub(crate) async fn guard(&self, msg: &Message) -> Option<Verdict> {
         if msg.body().len() > self.queue.max_body {
             let error = HandlerError::permanent(
                 "too_large",
@@ -114,7 +262,7 @@ impl Worker {
                     // Classic queues do not count redeliveries: re-enqueue a counted copy
                     // (confirmed) and drop this delivery.
                     return Some(match dead_letter::requeue_counted(msg, counted + 1).await {
-                        Ok(()) => Settle::Ack,
+                        Ok(()) => Verdict::Moved,
                         Err(e) => self.publish_failed(e),
                     });
                 }
@@ -153,8 +301,34 @@ impl Worker {
         }
     }
 
+    /// Moves an ordered message to its key's partition queue (confirmed before the ack).
+    async fn route(&self, msg: &Message, route: &Route) -> Verdict {
+        let key = match crate::extract::Sequence::from_message(msg, &()) {
+            Ok(seq) => seq.key,
+            Err(error) => return self.dead_letter(msg, error, msg.attempt()).await,
+        };
+        let partition = crate::ordering::partition_of(&key, route.partitions);
+        match dead_letter::forward(
+            msg,
+            &crate::ordering::partition_queue(msg.queue(), partition),
+        )
+        .await
+        {
+            Ok(()) => Verdict::Moved,
+            Err(e) => self.publish_failed(e),
+        }
+    }
+
+    /// Records a job status transition when the message has an id and tracking is on.
+    async fn job(&self, msg: &Message, status: &str, detail: impl FnOnce(&mut crate::JobStatus)) {
+        if let (Some(jobs), Some(id)) = (&self.jobs, msg.message_id()) {
+            jobs.record(id, status, msg.attempt(), detail).await;
+        }
+    }
+
     /// One handler run: timed, time-limited, with panics caught as transient failures.
     async fn run_once(&self, msg: Message) -> Outcome {
+        self.job(&msg, "running", |_| {}).await;
         self.metrics.in_flight.inc();
         let timer = self.metrics.duration.start_timer();
         let call = AssertUnwindSafe(self.service.call(msg)).catch_unwind();
@@ -188,17 +362,22 @@ impl Worker {
     }
 
     /// A failed attempt: retry later if the policy allows, otherwise dead-letter.
-    async fn fail(&self, msg: &Message, error: HandlerError) -> Settle {
+    async fn fail(&self, msg: &Message, error: HandlerError) -> Verdict {
         let attempt = msg.attempt();
         if error.is_transient() {
             if let Some(delay) = self.queue.retry.delay_after(attempt) {
                 tracing::warn!(%error, ?delay, "attempt failed; retry scheduled");
+                self.job(msg, "failed", |j| {
+                    j.error = Some(error_json(&error));
+                    j.retrying = Some(true);
+                })
+                .await;
                 return match dead_letter::schedule_retry(msg, &error, &self.queue.retry, delay)
                     .await
                 {
                     Ok(()) => {
                         self.metrics.retry(attempt);
-                        Settle::Ack
+                        Verdict::Retried
                     }
                     Err(e) => self.publish_failed(e),
                 };
@@ -208,8 +387,18 @@ impl Worker {
     }
 
     /// Dead-letters with the reason; the caller (if any) gets an `error` reply.
-    async fn dead_letter(&self, msg: &Message, error: HandlerError, attempts: u32) -> Settle {
+    pub(crate) async fn dead_letter(
+        &self,
+        msg: &Message,
+        error: HandlerError,
+        attempts: u32,
+    ) -> Verdict {
         tracing::warn!(%error, attempts, "dead-lettering message");
+        self.job(msg, "dead_lettered", |j| {
+            j.error = Some(error_json(&error));
+            j.retrying = Some(false);
+        })
+        .await;
         if let Err(e) = dead_letter::dead_letter(msg, &error, attempts).await {
             return self.publish_failed(e);
         }
@@ -221,6 +410,7 @@ impl Worker {
                 msg.correlation_id(),
                 Status::Error,
                 body,
+                Some(msg.trace()),
             )
             .await
             {
@@ -231,15 +421,21 @@ impl Worker {
             }
         }
         self.metrics.dead_letter(error.kind());
-        Settle::Ack
+        self.recent.push(
+            msg.handler(),
+            msg.message_id(),
+            error.kind(),
+            error.message(),
+        );
+        Verdict::DeadLettered
     }
 
-    fn publish_failed(&self, error: PublishError) -> Settle {
+    pub(crate) fn publish_failed(&self, error: PublishError) -> Verdict {
         tracing::warn!(%error, "publish failed; message goes back to the queue");
         if matches!(error, PublishError::Connection(_)) {
             self.session_failed.cancel();
         }
-        Settle::Requeue
+        Verdict::Requeue
     }
 
     fn observe_age(&self, msg: &Message) {
@@ -258,4 +454,8 @@ impl Worker {
             }
         }
     }
+}
+
+fn error_json(error: &HandlerError) -> serde_json::Value {
+    serde_json::json!({"kind": error.kind(), "message": error.message()})
 }

@@ -40,6 +40,10 @@ pub struct Queue {
     pub(crate) delivery_limit: u32,
     pub(crate) expires: Option<Duration>,
     pub(crate) max_body: usize,
+    pub(crate) track_jobs: bool,
+    pub(crate) dedup: Option<crate::dedup::Dedup>,
+    pub(crate) singleton: bool,
+    pub(crate) ordering: Option<crate::ordering::Ordering>,
 }
 
 impl Queue {
@@ -58,6 +62,10 @@ impl Queue {
             delivery_limit: 10,
             expires: None,
             max_body: 16 * 1024 * 1024,
+            track_jobs: true,
+            dedup: None,
+            singleton: false,
+            ordering: None,
         }
     }
 
@@ -126,6 +134,57 @@ impl Queue {
         self
     }
 
+    /// Whether messages with a `message_id` get a job status (`/jobs/{id}`); on by default.
+    pub fn track_jobs(mut self, on: bool) -> Self {
+        self.track_jobs = on;
+        self
+    }
+
+    /// One message at a time across the whole fleet: the queue gets
+    /// `x-single-active-consumer`, so the broker feeds one instance (and fails over to another
+    /// when it dies), and that instance runs one message at a time (concurrency and prefetch 1).
+    pub fn singleton(mut self) -> Self {
+        self.singleton = true;
+        self
+    }
+
+    /// Runs messages in `x-sequence` order per `x-sequence-key` (see [`Ordering`](crate::Ordering)).
+    pub fn ordered(mut self, ordering: crate::ordering::Ordering) -> Self {
+        self.ordering = Some(ordering);
+        self
+    }
+
+    /// Handler runs at once in this process, after the singleton rule.
+    pub fn effective_concurrency(&self) -> usize {
+        if self.singleton {
+            1
+        } else {
+            self.concurrency
+        }
+    }
+
+    /// Runs each `message_id` at most once to success, through `dedup`'s store (messages
+    /// without a `message_id` run unchecked).
+    pub fn dedup(mut self, dedup: crate::dedup::Dedup) -> Self {
+        self.dedup = Some(dedup);
+        self
+    }
+
+    /// Every broker-held delay this handler uses: the retry tiers, and the wait of messages
+    /// whose id is busy on another instance.
+    pub fn delay_tiers(&self) -> Vec<Duration> {
+        let mut tiers = self.retry.tiers();
+        if let Some(d) = &self.dedup {
+            tiers.push(d.busy_delay);
+        }
+        if let Some(o) = &self.ordering {
+            tiers.push(o.park_delay);
+        }
+        tiers.sort();
+        tiers.dedup();
+        tiers
+    }
+
     /// The work queue's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -143,6 +202,9 @@ impl Queue {
 
     /// The effective prefetch count.
     pub fn prefetch_count(&self) -> u16 {
+        if self.singleton {
+            return 1;
+        }
         self.prefetch.unwrap_or_else(|| {
             let c = u16::try_from(self.concurrency).unwrap_or(u16::MAX);
             if self.priority.is_some() {
@@ -168,6 +230,12 @@ impl Queue {
             return Err(crate::Error::Config(format!(
                 "queue name '{}' must be 1-200 bytes and must not start with 'amq.'",
                 self.name
+            )));
+        }
+        if self.ordering.is_some() && (self.priority.is_some() || self.singleton) {
+            return Err(crate::Error::Config(format!(
+                "handler '{}': ordered handlers cannot also be priority or singleton handlers",
+                self.handler()
             )));
         }
         if self.priority.is_some() && self.queue_type == Some(QueueType::Quorum) {

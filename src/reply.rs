@@ -9,6 +9,7 @@ use lapin::BasicProperties;
 use crate::error::HandlerError;
 use crate::headers;
 use crate::publisher::{PublishError, Publisher};
+use crate::trace_context::{TraceContext, TRACEPARENT};
 
 /// The value of the `x-status` reply header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,9 +60,13 @@ pub async fn send(
     correlation_id: Option<&str>,
     status: Status,
     body: Vec<u8>,
+    trace: Option<TraceContext>,
 ) -> Result<(), PublishError> {
     let mut table = FieldTable::default();
     headers::set_string(&mut table, headers::STATUS, status.as_str());
+    if let Some(trace) = trace {
+        headers::set_string(&mut table, TRACEPARENT, trace.to_string());
+    }
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_headers(table);

@@ -49,13 +49,32 @@ pub(crate) async fn declare(connection: &Connection, queue: &Queue) -> Result<()
     declare_queue(&channel, &queue.name, work_args(queue), queue).await?;
     let channel = reopen(connection, channel).await?;
 
-    for tier in queue.retry.tiers() {
+    for tier in queue.delay_tiers() {
         let mut args = quorum_args(queue.expires);
         args.insert("x-message-ttl".into(), long(tier.as_millis()));
         args.insert("x-dead-letter-exchange".into(), string(""));
         args.insert("x-dead-letter-routing-key".into(), string(&queue.name));
         declare_queue(&channel, &retry::tier_queue(&queue.name, tier), args, queue).await?;
     }
+    if let Some(ordering) = &queue.ordering {
+        let mut partition = queue.clone();
+        partition.ordering = None;
+        for n in 0..ordering.partitions {
+            let name = crate::ordering::partition_queue(&queue.name, n);
+            declare_queue(&channel, &name, work_args(&partition), queue).await?;
+        }
+        let members = crate::ordering::members_queue(&queue.name);
+        declare_queue(&channel, &members, quorum_args(queue.expires), queue).await?;
+    }
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Declares a durable quorum queue that handlers publish into.
+pub(crate) async fn declare_output(connection: &Connection, name: &str) -> Result<(), Error> {
+    let channel = connection.create_channel().await.map_err(Error::broker)?;
+    let queue = Queue::new(name).handler_name(format!("output {name}"));
+    declare_queue(&channel, name, quorum_args(None), &queue).await?;
     let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
@@ -95,6 +114,9 @@ pub(crate) fn work_args(queue: &Queue) -> FieldTable {
         string(DEAD_LETTER_EXCHANGE),
     );
     args.insert("x-dead-letter-routing-key".into(), string(&queue.name));
+    if queue.singleton {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
     if let Some(expires) = queue.expires {
         args.insert("x-expires".into(), long(expires.as_millis()));
     }
@@ -155,6 +177,7 @@ pub(crate) fn explain_mismatch(broker_text: &str, name: &str, queue: &Queue) -> 
         }
         "x-delivery-limit" => "the crash-loop limit (.delivery_limit(..))",
         "x-expires" => "the queue expiry (.expires(..))",
+        "x-single-active-consumer" => "the singleton flag (.singleton())",
         "x-message-ttl" => "the retry policy's delays (.retry(..))",
         "x-dead-letter-exchange" | "x-dead-letter-routing-key" => {
             "the dead-letter routing (the queue was probably created outside cottontail)"

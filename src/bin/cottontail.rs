@@ -1,1 +1,520 @@
-fn main() {}
+//! `cottontail`: the operator CLI. Publish a message, call a handler, inspect and replay
+//! dead-letters.
+//!
+//! Environment: `AMQP_URL` (or `--amqp-url`), `AMQP_TLS_CA_FILE` (PEM of a private CA for
+//! `amqps://`).
+//!
+//! Exit codes: 0 success; 1 failure (for `call`: the handler answered `error`); 2 for `call`
+//! timeouts and connection problems, and for usage errors.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use cottontail::headers;
+use cottontail::lapin::message::BasicGetMessage;
+use cottontail::lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions,
+};
+use cottontail::lapin::types::FieldTable;
+use cottontail::lapin::{BasicProperties, Channel, Connection};
+use cottontail::{
+    redact, Client, Config, Connector, PublishOptions, Publisher, RequestOptions, RpcError,
+};
+
+/// Headers the framework or the broker add on the way to the DLQ; removed on replay so the
+/// message starts over with a fresh attempt count.
+const STRIPPED_ON_REPLAY: &[&str] = &[
+    headers::ERROR,
+    headers::ERROR_KIND,
+    headers::ATTEMPTS,
+    headers::HANDLER,
+    headers::LAST_ERROR,
+    headers::DELIVERY_COUNT,
+    headers::REDELIVERIES,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
+/// How many replayed messages are published before their confirms are awaited.
+const REPLAY_BATCH: usize = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "cottontail",
+    version,
+    about = "Operate cottontail handlers on RabbitMQ"
+)]
+struct Cli {
+    /// Broker URL (default: the local broker, user guest); several comma-separated URLs = a
+    /// cluster.
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_URL",
+        hide_env_values = true,
+        default_value = cottontail::DEFAULT_AMQP_URL,
+        hide_default_value = true
+    )]
+    amqp_url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish one JSON message to QUEUE (persistent, confirmed; a missing queue is an error).
+    Publish {
+        /// Target queue.
+        queue: String,
+        /// The message body, JSON.
+        json: String,
+        /// Message priority (for queues with priority levels).
+        #[arg(long)]
+        priority: Option<u8>,
+        /// message_id (idempotency key).
+        #[arg(long)]
+        message_id: Option<String>,
+        /// A header, K=V; repeatable.
+        #[arg(long = "header", value_name = "K=V", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+    },
+    /// Call the handler on QUEUE and print its reply (progress goes to stderr).
+    ///
+    /// Exit code 0 on an `ok` reply, 1 on an `error` reply, 2 on timeout or other failure.
+    Call {
+        /// Target queue.
+        queue: String,
+        /// The request body, JSON.
+        json: String,
+        /// Seconds to wait for the final reply.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Inspect or replay the dead-letter queue `QUEUE.dlq`.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead-lettered messages with their reasons; they stay in the DLQ.
+    List(DlqArgs),
+    /// Move dead-lettered messages back to QUEUE with a fresh attempt count (each is confirmed
+    /// on QUEUE before its DLQ copy is removed).
+    Replay(DlqReplayArgs),
+}
+
+#[derive(Args)]
+struct DlqArgs {
+    /// The handler's queue (the DLQ is QUEUE.dlq).
+    queue: String,
+    /// At most this many messages.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+}
+
+#[derive(Args)]
+struct DlqReplayArgs {
+    /// The handler's queue (the DLQ is QUEUE.dlq).
+    queue: String,
+    /// At most this many messages (default: all that are in the DLQ when the replay starts).
+    #[arg(long)]
+    limit: Option<u32>,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("'{text}' is not K=V")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Publish {
+            queue,
+            json,
+            priority,
+            message_id,
+            headers,
+        } => {
+            let options = PublishOptions {
+                priority,
+                message_id,
+                headers,
+                ..PublishOptions::default()
+            };
+            exit(publish(&cli.amqp_url, &queue, &json, options).await)
+        }
+        Command::Call {
+            queue,
+            json,
+            timeout,
+        } => call(&cli.amqp_url, &queue, &json, timeout).await,
+        Command::Dlq {
+            command: DlqCommand::List(args),
+        } => exit(dlq_list(&cli.amqp_url, &args.queue, args.limit).await),
+        Command::Dlq {
+            command: DlqCommand::Replay(args),
+        } => exit(dlq_replay(&cli.amqp_url, &args.queue, args.limit).await),
+    }
+}
+
+fn exit(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {}", redact(&message));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn connection_name(command: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("cottontail-cli {command}@{host}:{}", std::process::id())
+}
+
+fn check_json(json: &str) -> Result<(), String> {
+    serde_json::from_str::<serde_json::Value>(json)
+        .map(|_| ())
+        .map_err(|e| format!("the message is not valid JSON: {e}"))
+}
+
+/// URLs, connection name and `AMQP_TLS_CA_FILE` (a private CA for `amqps://`).
+fn connector(url: &str, command: &str) -> Result<Connector, String> {
+    let mut config = Config::new(url).connection_name(connection_name(command));
+    if let Ok(path) = std::env::var("AMQP_TLS_CA_FILE") {
+        if !path.trim().is_empty() {
+            config = config.tls_ca_file(path.trim());
+        }
+    }
+    config.connector().map_err(|e| e.to_string())
+}
+
+async fn client(url: &str, command: &str) -> Result<Client, String> {
+    Client::builder(url)
+        .connector(connector(url, command)?)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn publish(
+    url: &str,
+    queue: &str,
+    json: &str,
+    options: PublishOptions,
+) -> Result<(), String> {
+    check_json(json)?;
+    let client = client(url, "publish").await?;
+    let result = client.publish(queue, json.as_bytes(), options).await;
+    client.close().await;
+    result.map_err(|e| e.to_string())?;
+    eprintln!("published to '{queue}' (confirmed)");
+    Ok(())
+}
+
+async fn call(url: &str, queue: &str, json: &str, timeout: f64) -> ExitCode {
+    let failure = |message: String| {
+        eprintln!("error: {}", redact(&message));
+        ExitCode::from(2)
+    };
+    if let Err(e) = check_json(json) {
+        return failure(e);
+    }
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return failure(format!(
+            "--timeout must be a positive number of seconds, got {timeout}"
+        ));
+    }
+    let client = match client(url, "call").await {
+        Ok(client) => client,
+        Err(e) => return failure(e),
+    };
+    let options = RequestOptions::timeout(Duration::from_secs_f64(timeout));
+    let outcome = match client
+        .request_with_progress(queue, json.as_bytes(), options)
+        .await
+    {
+        Ok(mut call) => {
+            while let Some(update) = call.next_progress().await {
+                eprintln!("progress: {update}");
+            }
+            call.result().await
+        }
+        Err(e) => Err(e),
+    };
+    client.close().await;
+    match outcome {
+        Ok(body) => {
+            println!("{}", String::from_utf8_lossy(&body));
+            ExitCode::SUCCESS
+        }
+        Err(RpcError::Remote { kind, message }) => {
+            println!(
+                "{}",
+                serde_json::json!({"error": {"kind": kind, "message": message}})
+            );
+            eprintln!("error reply: {kind}: {message}");
+            ExitCode::from(1)
+        }
+        Err(RpcError::Timeout) => failure(format!("no reply from '{queue}' within {timeout} s")),
+        Err(other) => failure(other.to_string()),
+    }
+}
+
+async fn connect(url: &str, command: &str) -> Result<Connection, String> {
+    let connector = connector(url, command)?;
+    match tokio::time::timeout(Duration::from_secs(30), connector.connect_once()).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("connecting to the broker took longer than 30 s".into()),
+    }
+}
+
+/// Messages ready in `queue`, or an explanation if it does not exist.
+async fn depth(connection: &Connection, queue: &str) -> Result<u32, String> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("queue '{queue}': {e}"))?;
+    let _ = channel.close(200, "ok".into()).await;
+    Ok(declared.message_count())
+}
+
+async fn get(channel: &Channel, queue: &str) -> Result<Option<BasicGetMessage>, String> {
+    channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .map_err(|e| format!("basic.get on '{queue}': {e}"))
+}
+
+async fn dlq_list(url: &str, queue: &str, limit: u32) -> Result<(), String> {
+    let dlq = format!("{queue}.dlq");
+    let connection = connect(url, "dlq-list").await?;
+    let total = depth(&connection, &dlq).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    // Unacked gets stay with this channel, so each get returns the next message; all of
+    // them go back to the queue at the end.
+    let mut listed = 0u32;
+    let mut last_tag = None;
+    let mut failure = None;
+    while listed < limit {
+        let message = match get(&channel, &dlq).await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        listed += 1;
+        last_tag = Some(message.delivery.delivery_tag);
+        print_message(listed, &message.delivery.properties, &message.delivery.data);
+    }
+    if let Some(tag) = last_tag {
+        // nack, not reject: RabbitMQ 4.3+ does not count a nack against the delivery limit.
+        let _ = channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await;
+    }
+    let _ = channel.close(200, "listed".into()).await;
+    let _ = connection.close(200, "bye".into()).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    println!("{listed} of {total} message(s) in '{dlq}' listed (all left in place)");
+    Ok(())
+}
+
+fn print_message(n: u32, properties: &BasicProperties, body: &[u8]) {
+    let table = properties.headers().as_ref();
+    let header = |name: &str| headers::get_string(table, name).unwrap_or_else(|| "-".into());
+    let prop = |value: Option<&str>| value.unwrap_or("-").to_owned();
+    println!("#{n}");
+    println!(
+        "  message_id:     {}",
+        prop(properties.message_id().as_ref().map(|s| s.as_str()))
+    );
+    println!(
+        "  correlation_id: {}",
+        prop(properties.correlation_id().as_ref().map(|s| s.as_str()))
+    );
+    println!("  x-error-kind:   {}", header(headers::ERROR_KIND));
+    println!("  x-error:        {}", header(headers::ERROR));
+    println!("  x-attempts:     {}", header(headers::ATTEMPTS));
+    println!("  x-handler:      {}", header(headers::HANDLER));
+    println!("  body:           {}", preview(body, 200));
+}
+
+fn preview(body: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(body);
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match one_line.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &one_line[..cut]),
+        None => one_line,
+    }
+}
+
+async fn dlq_replay(url: &str, queue: &str, limit: Option<u32>) -> Result<(), String> {
+    let dlq = format!("{queue}.dlq");
+    let connection = connect(url, "dlq-replay").await?;
+    let limit = match limit {
+        Some(n) => n,
+        // Only what is there now: a replayed message that fails again and returns to the DLQ
+        // is not replayed twice in one run.
+        None => depth(&connection, &dlq).await?,
+    };
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    let publisher = Publisher::new(
+        connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+
+    let mut replayed = 0u32;
+    let mut result = Ok(());
+    'outer: while replayed < limit {
+        // Publish a batch without waiting, then settle each DLQ copy after its own confirm:
+        // ack when the broker has the replay, requeue when it does not.
+        let mut batch = Vec::new();
+        while batch.len() < REPLAY_BATCH && replayed + (batch.len() as u32) < limit {
+            match get(&channel, &dlq).await {
+                Ok(Some(message)) => batch.push(message),
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let publishes = batch.iter().map(|message| {
+            let delivery = &message.delivery;
+            publisher.publish(
+                "",
+                queue,
+                &delivery.data,
+                replay_properties(&delivery.properties),
+                true,
+            )
+        });
+        let outcomes = futures::future::join_all(publishes).await;
+        for (message, outcome) in batch.iter().zip(outcomes) {
+            let acker = &message.delivery.acker;
+            match outcome {
+                Ok(()) => {
+                    if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                        // The replay is on QUEUE; the DLQ copy returns to the DLQ (a duplicate,
+                        // never a loss).
+                        result = Err(format!("ack on '{dlq}' failed: {e}"));
+                        break 'outer;
+                    }
+                    replayed += 1;
+                }
+                Err(e) => {
+                    let _ = acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await;
+                    if result.is_ok() {
+                        result = Err(format!("republishing to '{queue}' failed: {e}"));
+                    }
+                }
+            }
+        }
+        if result.is_err() {
+            break;
+        }
+    }
+    let _ = channel.close(200, "replayed".into()).await;
+    let _ = connection.close(200, "bye".into()).await;
+    println!("{replayed} message(s) replayed from '{dlq}' to '{queue}'");
+    result
+}
+
+/// The original properties and headers, minus the dead-letter bookkeeping, `user_id` (the
+/// broker rejects one that is not the publishing user's) and `expiration` (the message would
+/// expire anew).
+fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let mut properties =
+        BasicProperties::default().with_delivery_mode(original.delivery_mode().unwrap_or(2));
+    if let Some(v) = original.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        properties = properties.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        properties = properties.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        properties = properties.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        properties = properties.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        properties = properties.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        properties = properties.with_cluster_id(v.clone());
+    }
+    properties.with_headers(headers::without(
+        original.headers().as_ref(),
+        STRIPPED_ON_REPLAY,
+    ))
+}

@@ -154,9 +154,9 @@ pub async fn delete_queues(names: &[String]) {
 }
 
 /// Every queue cottontail declares for a handler on `queue` with `policy` tiers.
-pub fn handler_queues(queue: &cottontail::Queue, policy: &cottontail::RetryPolicy) -> Vec<String> {
+pub fn handler_queues(queue: &cottontail::Queue, _policy: &cottontail::RetryPolicy) -> Vec<String> {
     let mut names = vec![queue.name().to_owned(), queue.dlq_name()];
-    for tier in policy.tiers() {
+    for tier in queue.delay_tiers() {
         names.push(cottontail::tier_queue(queue.name(), tier));
     }
     names
@@ -458,4 +458,105 @@ impl Drop for PrivateVhost {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Arguments of a durable quorum queue that the broker deletes `EXPIRES` after its last use.
+pub fn expiring_quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(EXPIRES.as_millis() as i64),
+    );
+    args
+}
+
+/// Takes every message out of `queue` (basic.get + ack) and returns them.
+pub async fn drain(conn: &Connection, queue: &str) -> Vec<Received> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(msg) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+    {
+        msg.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+        out.push(Received::from(msg.delivery));
+    }
+    let _ = ch.close(200, "".into()).await;
+    out
+}
+
+/// Runs a built binary with `args` and `AMQP_URL`, returning (exit code, stdout, stderr).
+pub async fn run_cli(exe: &str, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(args)
+        .env("AMQP_URL", amqp_url())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("CLI finished within 120 s")
+        .expect("CLI runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `metric_value(&text, "cottontail_messages_total", &[("handler", "h"), ("outcome", "ok")])`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs a whole test body with an overall deadline, so a stuck broker call fails the test
+/// instead of hanging the run.
+pub async fn bounded<F: Future>(limit: Duration, body: F) -> F::Output {
+    match tokio::time::timeout(limit, body).await {
+        Ok(output) => output,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+/// Deletes queues best-effort: errors are ignored and each step is time-bounded (RabbitMQ
+/// 3.10 occasionally drops the connection while deleting quorum queues; `x-expires` removes
+/// whatever is left).
+pub async fn delete_queues_quietly(names: &[String]) {
+    let attempt = async {
+        let conn = Connection::connect(
+            &amqp_url(),
+            ConnectionProperties::default().with_connection_name("test-cleanup".into()),
+        )
+        .await
+        .ok()?;
+        for name in names {
+            let Ok(ch) = conn.create_channel().await else {
+                break;
+            };
+            let _ = ch
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "".into()).await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        Some(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), attempt).await;
 }

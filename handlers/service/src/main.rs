@@ -26,12 +26,20 @@ async fn main() {
 async fn run() -> Result<(), cottontail::Error> {
     let config = Config::from_env()?;
     tracing::info!(url = %cottontail::redact(&config.amqp_url), http = ?config.http_addr, "starting");
+    let reports = std::env::var("REPORTS_SCHEDULE")
+        .unwrap_or_else(|_| cottontail_reports::DEFAULT_SCHEDULE.to_owned());
     App::new(DemoState::default())
         .handler(
             cottontail_thumbnails::queue(),
             cottontail_thumbnails::handle,
         )
         .handler(cottontail_orders::queue(), cottontail_orders::handle)
+        .schedule(
+            cottontail_reports::schedule(&reports)?,
+            cottontail_reports::queue(),
+            cottontail_reports::handle,
+        )
+        .output(cottontail_reports::OUTPUT)
         .run(config)
         .await
 }

@@ -1,0 +1,767 @@
+//! The producer side: publish jobs and call handlers (RPC) from front-ends and scripts.
+//!
+//! Replies come back over RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`), so a caller
+//! declares no queue and leaves nothing behind on the broker. One reply consumer serves every
+//! outstanding call of a [`Client`]; replies are routed to their call by `correlation_id`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, Consumer};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::connection::{redact, Connector};
+use crate::headers;
+use crate::publisher::{PublishError, Publisher};
+use crate::reply::Status;
+use crate::Error;
+
+/// The pseudo-queue of RabbitMQ's direct reply-to.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Default limit of calls waiting for their reply at once on one [`Client`].
+pub const DEFAULT_MAX_OUTSTANDING: usize = 10_000;
+
+/// How long connecting (TCP, TLS, AMQP handshake) and a graceful close may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default number of unread progress updates buffered per call.
+pub const DEFAULT_PROGRESS_BUFFER: usize = 256;
+
+/// Properties of a published message (beyond the fixed JSON content type and persistence).
+#[derive(Clone, Debug, Default)]
+pub struct PublishOptions {
+    /// Priority, for queues declared with priority levels.
+    pub priority: Option<u8>,
+    /// Idempotency key for handlers with a dedup store.
+    pub message_id: Option<String>,
+    /// String headers (e.g. `x-sequence-key`; numeric strings are read as integers).
+    pub headers: Vec<(String, String)>,
+    /// Echoed on the handler's replies.
+    pub correlation_id: Option<String>,
+    /// Where the handler replies (a queue you consume yourself).
+    pub reply_to: Option<String>,
+}
+
+/// Settings of one RPC call.
+#[derive(Clone, Debug)]
+pub struct RequestOptions {
+    /// How long to wait for the final reply (default 30 s), counted from the call's start.
+    pub timeout: Duration,
+    /// Priority, for queues declared with priority levels.
+    pub priority: Option<u8>,
+    /// Idempotency key for handlers with a dedup store.
+    pub message_id: Option<String>,
+    /// String headers.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Default for RequestOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            priority: None,
+            message_id: None,
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl RequestOptions {
+    /// Default options with `timeout`.
+    pub fn timeout(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            ..Self::default()
+        }
+    }
+}
+
+/// Why a call returned no `ok` reply.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// No final reply within the call's timeout (a later reply is discarded).
+    #[error("timed out waiting for the reply")]
+    Timeout,
+    /// The handler answered with an `error` reply.
+    #[error("{kind}: {message}")]
+    Remote {
+        /// Machine-readable kind (`invalid_input`, …; `malformed_reply` for unreadable replies).
+        kind: String,
+        /// Human-readable message.
+        message: String,
+    },
+    /// The request could not be published (unroutable queue, nack, connection).
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The broker connection failed or was lost while the call waited.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// Already `max_outstanding` calls wait for replies; back off and try again.
+    #[error("too many outstanding calls (limit {0})")]
+    Busy(usize),
+    /// The request value could not be serialized to JSON.
+    #[error("request is not serializable to JSON: {0}")]
+    Encode(String),
+}
+
+/// A connection to the broker for publishing and calling handlers. Cheap to clone; clones
+/// share the connection and the reply consumer.
+///
+/// A lost connection is replaced on the next publish or call; calls waiting on the lost one
+/// fail with [`RpcError::Connection`] instead of hanging until their timeout.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use cottontail::client::{Client, PublishOptions, RequestOptions, RpcError};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "web-frontend").await?;
+///
+/// // Fire and forget (but confirmed by the broker; a missing queue is an error).
+/// client.publish_json("orders", &serde_json::json!({"order_id": "o-1", "event": "created"}),
+///     PublishOptions::default()).await?;
+///
+/// // Request/reply, with progress updates.
+/// let body = br#"{"image": "...", "max_side": 64}"#;
+/// let mut call = client
+///     .request_with_progress("thumbnails", body, RequestOptions::timeout(Duration::from_secs(10)))
+///     .await?;
+/// while let Some(update) = call.next_progress().await {
+///     println!("progress: {update}");
+/// }
+/// match call.result().await {
+///     Ok(reply) => println!("{}", String::from_utf8_lossy(&reply)),
+///     Err(RpcError::Remote { kind, message }) => eprintln!("{kind}: {message}"),
+///     Err(other) => eprintln!("{other}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    // By hand: the connector holds URLs with passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("connection_name", &self.inner.connector.name())
+            .field("outstanding", &self.outstanding())
+            .field("discarded_replies", &self.discarded_replies())
+            .finish()
+    }
+}
+
+/// Builds a [`Client`] with non-default limits.
+#[derive(Clone)]
+pub struct ClientBuilder {
+    urls: String,
+    name: String,
+    connector: Option<Connector>,
+    max_outstanding: usize,
+    progress_buffer: usize,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("urls", &redact(&self.urls))
+            .field("name", &self.name)
+            .field("max_outstanding", &self.max_outstanding)
+            .field("progress_buffer", &self.progress_buffer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// Connects with `connector` (URLs, name, TLS settings, e.g. from
+    /// [`Config::connector`](crate::Config::connector)) instead of the builder's URLs and name.
+    pub fn connector(mut self, connector: Connector) -> Self {
+        self.connector = Some(connector);
+        self
+    }
+
+    /// The connection name shown in the management UI.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Calls allowed to wait for replies at once; beyond it calls fail fast with
+    /// [`RpcError::Busy`], so a stalled handler cannot grow the client's memory without bound.
+    pub fn max_outstanding(mut self, n: usize) -> Self {
+        self.max_outstanding = n.max(1);
+        self
+    }
+
+    /// Unread progress updates kept per call; further ones are dropped (and counted in
+    /// [`Client::discarded_replies`]) so a caller that ignores progress cannot exhaust memory.
+    pub fn progress_buffer(mut self, n: usize) -> Self {
+        self.progress_buffer = n.max(1);
+        self
+    }
+
+    /// Connects now, so a wrong URL or password fails here rather than on the first call.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let connector = match self.connector {
+            Some(connector) => connector,
+            None => Connector::new(&self.urls, self.name)?,
+        };
+        let inner = Arc::new(Inner {
+            connector,
+            session: tokio::sync::Mutex::new(None),
+            permits: Arc::new(Semaphore::new(self.max_outstanding)),
+            max_outstanding: self.max_outstanding,
+            progress_buffer: self.progress_buffer,
+            discarded: Arc::new(AtomicU64::new(0)),
+            next_id: AtomicU64::new(0),
+            id_prefix: format!("{:016x}", fastrand::u64(..)),
+        });
+        inner.session().await?;
+        Ok(Client { inner })
+    }
+}
+
+struct Inner {
+    connector: Connector,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    permits: Arc<Semaphore>,
+    max_outstanding: usize,
+    progress_buffer: usize,
+    discarded: Arc<AtomicU64>,
+    next_id: AtomicU64,
+    id_prefix: String,
+}
+
+/// One broker connection: a publishing channel and the reply channel, which both consumes
+/// direct reply-to and publishes the requests (the broker requires the same channel).
+struct Session {
+    connection: Connection,
+    publisher: Publisher,
+    rpc: Publisher,
+    pending: Arc<Pending>,
+    dispatcher: AbortHandle,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+        // Calls may outlive their client: tell them now rather than at their timeout.
+        self.pending.close("client dropped".into());
+    }
+}
+
+impl Session {
+    fn alive(&self) -> bool {
+        self.connection.status().connected()
+            && self.publisher.channel().status().connected()
+            && self.rpc.channel().status().connected()
+            && self.pending.lock().closed.is_none()
+    }
+}
+
+/// Calls waiting for replies, by correlation id.
+#[derive(Debug, Default)]
+struct Pending(Mutex<PendingState>);
+
+#[derive(Debug, Default)]
+struct PendingState {
+    /// Set once the reply consumer stopped: no reply can arrive any more.
+    closed: Option<String>,
+    calls: HashMap<String, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    progress: Option<mpsc::Sender<Vec<u8>>>,
+    done: oneshot::Sender<Result<Vec<u8>, RpcError>>,
+}
+
+impl Pending {
+    fn lock(&self) -> MutexGuard<'_, PendingState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove(&self, id: &str) -> Option<Entry> {
+        self.lock().calls.remove(id)
+    }
+
+    /// Fails every waiting call: their replies can no longer arrive.
+    fn close(&self, reason: String) {
+        let calls = {
+            let mut state = self.lock();
+            state.closed = Some(reason.clone());
+            std::mem::take(&mut state.calls)
+        };
+        for (_, entry) in calls {
+            let _ = entry.done.send(Err(RpcError::Connection(reason.clone())));
+        }
+    }
+}
+
+impl Client {
+    /// Connects to `urls` (one AMQP URL or several comma-separated) with `connection_name`.
+    pub async fn connect(urls: &str, connection_name: impl Into<String>) -> Result<Self, Error> {
+        Self::builder(urls)
+            .connection_name(connection_name)
+            .connect()
+            .await
+    }
+
+    /// A builder for non-default limits.
+    pub fn builder(urls: &str) -> ClientBuilder {
+        ClientBuilder {
+            urls: urls.to_owned(),
+            name: format!("cottontail-client:{}", std::process::id()),
+            connector: None,
+            max_outstanding: DEFAULT_MAX_OUTSTANDING,
+            progress_buffer: DEFAULT_PROGRESS_BUFFER,
+        }
+    }
+
+    /// Publishes a JSON `body` to `queue` through the default exchange, persistent, and returns
+    /// once the broker confirmed it. A queue that does not exist is an error
+    /// ([`PublishError::Unroutable`]), not a silent drop.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        options: PublishOptions,
+    ) -> Result<(), Error> {
+        let session = self.inner.session().await?;
+        let mut properties =
+            base_properties(options.priority, options.message_id, &options.headers);
+        if let Some(id) = options.correlation_id {
+            properties = properties.with_correlation_id(id.into());
+        }
+        if let Some(reply_to) = options.reply_to {
+            properties = properties.with_reply_to(reply_to.into());
+        }
+        let result = session
+            .publisher
+            .publish("", queue, body, properties, true)
+            .await;
+        if let Err(PublishError::Connection(_)) = &result {
+            self.inner.forget(&session).await;
+        }
+        result.map_err(Error::from)
+    }
+
+    /// Serializes `body` to JSON and [publishes](Self::publish) it.
+    pub async fn publish_json<T: Serialize + ?Sized>(
+        &self,
+        queue: &str,
+        body: &T,
+        options: PublishOptions,
+    ) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| Error::Config(format!("message body is not serializable to JSON: {e}")))?;
+        self.publish(queue, &bytes, options).await
+    }
+
+    /// Calls the handler on `queue` with a JSON `body` and waits for its final reply: the `ok`
+    /// body, or why there is none. Progress updates are ignored.
+    pub async fn request(
+        &self,
+        queue: &str,
+        body: &[u8],
+        options: RequestOptions,
+    ) -> Result<Vec<u8>, RpcError> {
+        self.start_call(queue, body, options, false)
+            .await?
+            .result()
+            .await
+    }
+
+    /// Serializes `body` to JSON and [calls](Self::request) the handler.
+    pub async fn request_json<T: Serialize + ?Sized>(
+        &self,
+        queue: &str,
+        body: &T,
+        options: RequestOptions,
+    ) -> Result<Vec<u8>, RpcError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| RpcError::Encode(e.to_string()))?;
+        self.request(queue, &bytes, options).await
+    }
+
+    /// Calls the handler on `queue` and returns once the request is confirmed by the broker;
+    /// read progress with [`Call::next_progress`] and the final reply with [`Call::result`].
+    pub async fn request_with_progress(
+        &self,
+        queue: &str,
+        body: &[u8],
+        options: RequestOptions,
+    ) -> Result<Call, RpcError> {
+        self.start_call(queue, body, options, true).await
+    }
+
+    /// Replies that arrived for no waiting call (late after a timeout, unknown correlation
+    /// id) or progress updates dropped because the call's buffer was full.
+    pub fn discarded_replies(&self) -> u64 {
+        self.inner.discarded.load(Ordering::Relaxed)
+    }
+
+    /// Calls currently waiting for their final reply.
+    pub fn outstanding(&self) -> usize {
+        self.inner.max_outstanding - self.inner.permits.available_permits()
+    }
+
+    /// Closes the connection; waiting calls fail with [`RpcError::Connection`]. Later
+    /// publishes and calls reconnect.
+    pub async fn close(&self) {
+        let session = self.inner.session.lock().await.take();
+        if let Some(session) = session {
+            session.pending.close("client closed".into());
+            // Bounded: a broker that stopped answering must not hang the caller's shutdown.
+            let close = session.connection.close(200, "client closed".into());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+        }
+    }
+
+    async fn start_call(
+        &self,
+        queue: &str,
+        body: &[u8],
+        options: RequestOptions,
+        with_progress: bool,
+    ) -> Result<Call, RpcError> {
+        let deadline = Instant::now() + options.timeout;
+        let permit = Arc::clone(&self.inner.permits)
+            .try_acquire_owned()
+            .map_err(|_| RpcError::Busy(self.inner.max_outstanding))?;
+        let session = match tokio::time::timeout_at(deadline, self.inner.session()).await {
+            Ok(Ok(session)) => session,
+            Ok(Err(e)) => return Err(RpcError::Connection(e.to_string())),
+            Err(_) => return Err(RpcError::Timeout),
+        };
+
+        let id = format!(
+            "{}-{}",
+            self.inner.id_prefix,
+            self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let (done_tx, done_rx) = oneshot::channel();
+        let (progress_tx, progress_rx) = if with_progress {
+            let (tx, rx) = mpsc::channel(self.inner.progress_buffer);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        {
+            let mut state = session.pending.lock();
+            if let Some(reason) = &state.closed {
+                return Err(RpcError::Connection(reason.clone()));
+            }
+            state.calls.insert(
+                id.clone(),
+                Entry {
+                    progress: progress_tx,
+                    done: done_tx,
+                },
+            );
+        }
+        // From here on, dropping `call` (error, timeout, caller gives up) unregisters it.
+        let call = Call {
+            id,
+            pending: Arc::clone(&session.pending),
+            progress: progress_rx,
+            done: done_rx,
+            deadline,
+            _permit: permit,
+        };
+
+        let properties = base_properties(options.priority, options.message_id, &options.headers)
+            .with_correlation_id(call.id.as_str().into())
+            .with_reply_to(DIRECT_REPLY_TO.into());
+        let publish = session.rpc.publish("", queue, body, properties, true);
+        match tokio::time::timeout_at(deadline, publish).await {
+            Ok(Ok(())) => Ok(call),
+            Ok(Err(e)) => {
+                if let PublishError::Connection(_) = e {
+                    self.inner.forget(&session).await;
+                }
+                Err(RpcError::Publish(e))
+            }
+            Err(_) => Err(RpcError::Timeout),
+        }
+    }
+}
+
+impl Inner {
+    /// The live session, connecting a new one if there is none or it broke.
+    async fn session(&self) -> Result<Arc<Session>, Error> {
+        let mut slot = self.session.lock().await;
+        if let Some(session) = slot.as_ref() {
+            if session.alive() {
+                return Ok(Arc::clone(session));
+            }
+            session.pending.close("connection lost".into());
+        }
+        *slot = None;
+        let session = Arc::new(self.open().await?);
+        *slot = Some(Arc::clone(&session));
+        Ok(session)
+    }
+
+    /// Drops `session` if it is still the current one, so the next use reconnects.
+    async fn forget(&self, session: &Arc<Session>) {
+        let mut slot = self.session.lock().await;
+        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) && !session.alive() {
+            session.pending.close("connection lost".into());
+            *slot = None;
+        }
+    }
+
+    async fn open(&self) -> Result<Session, Error> {
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect_once())
+            .await
+            .map_err(|_| {
+                Error::Broker(format!(
+                    "connecting took longer than {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })??;
+        let broker = |e: lapin::Error| Error::Broker(redact(&e.to_string()));
+        let publisher = Publisher::new(connection.create_channel().await.map_err(broker)?)
+            .await
+            .map_err(broker)?;
+        let rpc = Publisher::new(connection.create_channel().await.map_err(broker)?)
+            .await
+            .map_err(broker)?;
+        // Consume before any request is published on this channel (a broker requirement).
+        let consumer = rpc
+            .channel()
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(broker)?;
+        let pending = Arc::new(Pending::default());
+        let dispatcher = tokio::spawn(dispatch(
+            consumer,
+            Arc::clone(&pending),
+            Arc::clone(&self.discarded),
+        ))
+        .abort_handle();
+        Ok(Session {
+            connection,
+            publisher,
+            rpc,
+            pending,
+            dispatcher,
+        })
+    }
+}
+
+/// Routes every reply to its call until the consumer stops, then fails the calls still waiting.
+async fn dispatch(mut consumer: Consumer, pending: Arc<Pending>, discarded: Arc<AtomicU64>) {
+    let reason = loop {
+        match consumer.next().await {
+            Some(Ok(delivery)) => route(delivery, &pending, &discarded),
+            Some(Err(e)) => break format!("reply consumer failed: {}", redact(&e.to_string())),
+            None => break "reply consumer stopped".to_owned(),
+        }
+    };
+    tracing::debug!(%reason, "client reply consumer ended");
+    pending.close(reason);
+}
+
+fn route(delivery: Delivery, pending: &Pending, discarded: &AtomicU64) {
+    let Some(id) = delivery.properties.correlation_id().as_ref() else {
+        discarded.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let status = headers::get_string(delivery.properties.headers().as_ref(), headers::STATUS)
+        .and_then(|s| Status::parse(&s));
+    if status == Some(Status::Progress) {
+        let state = pending.lock();
+        match state.calls.get(id.as_str()) {
+            None => {
+                discarded.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Entry {
+                progress: Some(tx), ..
+            }) => {
+                if tx.try_send(delivery.data).is_err() {
+                    discarded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // A plain `request`: progress is not wanted.
+            Some(_) => {}
+        }
+        return;
+    }
+    let Some(entry) = pending.remove(id.as_str()) else {
+        discarded.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let result = match status {
+        Some(Status::Ok) => Ok(delivery.data),
+        Some(Status::Error) => Err(parse_error(&delivery.data)),
+        // A final answer either way: the caller must not wait for a reply that will not come.
+        _ => Err(RpcError::Remote {
+            kind: "malformed_reply".into(),
+            message: "reply without a valid x-status header".into(),
+        }),
+    };
+    let _ = entry.done.send(result);
+}
+
+/// Reads `{"error": {"kind": ..., "message": ...}}`, tolerating anything else.
+fn parse_error(body: &[u8]) -> RpcError {
+    let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let error = value.as_ref().and_then(|v| v.get("error"));
+    let kind = error
+        .and_then(|e| e.get("kind"))
+        .and_then(|k| k.as_str())
+        .map(str::to_owned);
+    let message = error
+        .and_then(|e| e.get("message"))
+        .and_then(|m| m.as_str())
+        .map(str::to_owned);
+    match (kind, message) {
+        (Some(kind), message) => RpcError::Remote {
+            kind,
+            message: message.unwrap_or_default(),
+        },
+        (None, _) => RpcError::Remote {
+            kind: "malformed_reply".into(),
+            message: format!(
+                "error reply without an error envelope: {}",
+                preview(body, 200)
+            ),
+        },
+    }
+}
+
+/// The first `max` characters of `body` as text.
+fn preview(body: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.into_owned(),
+    }
+}
+
+fn base_properties(
+    priority: Option<u8>,
+    message_id: Option<String>,
+    extra: &[(String, String)],
+) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) {
+        properties = properties.with_timestamp(now.as_secs());
+    }
+    if let Some(p) = priority {
+        properties = properties.with_priority(p);
+    }
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
+    }
+    if !extra.is_empty() {
+        let mut table = FieldTable::default();
+        for (k, v) in extra {
+            headers::set_string(&mut table, k, v.as_str());
+        }
+        properties = properties.with_headers(table);
+    }
+    properties
+}
+
+/// One outstanding RPC call. Dropping it abandons the call (a later reply is discarded).
+#[derive(Debug)]
+pub struct Call {
+    id: String,
+    pending: Arc<Pending>,
+    progress: Option<mpsc::Receiver<Vec<u8>>>,
+    done: oneshot::Receiver<Result<Vec<u8>, RpcError>>,
+    deadline: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Call {
+    /// The request's `correlation_id`.
+    pub fn correlation_id(&self) -> &str {
+        &self.id
+    }
+
+    /// The next progress update (JSON; a non-JSON body comes as a JSON string), or `None` once
+    /// the final reply arrived, the call failed or its timeout passed. Updates arrive in the
+    /// order the handler sent them, all before the final reply.
+    pub async fn next_progress(&mut self) -> Option<serde_json::Value> {
+        let rx = self.progress.as_mut()?;
+        let body = tokio::time::timeout_at(self.deadline, rx.recv())
+            .await
+            .ok()??;
+        Some(serde_json::from_slice(&body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        }))
+    }
+
+    /// Waits for the final reply: the `ok` body, or why there is none.
+    pub async fn result(mut self) -> Result<Vec<u8>, RpcError> {
+        match tokio::time::timeout_at(self.deadline, &mut self.done).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RpcError::Connection("reply consumer stopped".into())),
+            // The reply may have raced the deadline: prefer it over a timeout.
+            Err(_) => match self.done.try_recv() {
+                Ok(result) => result,
+                Err(_) => Err(RpcError::Timeout),
+            },
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.pending.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_envelopes_parse_and_malformed_ones_are_tolerated() {
+        match parse_error(br#"{"error":{"kind":"invalid_input","message":"bad"}}"#) {
+            RpcError::Remote { kind, message } => {
+                assert_eq!((kind.as_str(), message.as_str()), ("invalid_input", "bad"))
+            }
+            other => panic!("{other:?}"),
+        }
+        for body in [&b"not json"[..], b"{}", br#"{"error":"x"}"#, b"\xff\xfe"] {
+            match parse_error(body) {
+                RpcError::Remote { kind, .. } => assert_eq!(kind, "malformed_reply"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn previews_cut_on_character_boundaries() {
+        assert_eq!(preview("héllo".as_bytes(), 2), "hé…");
+        assert_eq!(preview(b"abc", 5), "abc");
+    }
+}

@@ -1,0 +1,401 @@
+//! Dedup claims, cached replies and job statuses in Redis, shared by every instance.
+//!
+//! Each operation is one command or one Lua script, so it is atomic on the server: two
+//! instances claiming the same id at the same moment cannot both win. Expiry is Redis's own
+//! (`PX`), so a crashed holder's claim lapses without anyone cleaning up.
+//!
+//! Keys:
+//! - `<prefix>:dedup:<scope>:<id>` → `claim:<owner>` | `done0:` (no reply) | `done1:<reply bytes>`
+//! - `<prefix>:job:<message_id>` → the [`JobStatus`] as JSON
+//!
+//! The id is used as it came from the wire (Redis keys are binary-safe).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Script};
+
+use super::{bounded, millis, DEFAULT_TIMEOUT};
+use crate::dedup::{Claim, DedupStore, StoreError};
+use crate::handler::BoxFuture;
+use crate::jobs::{JobStatus, JobStore};
+
+/// Re-exported so callers build clients and connections with the same `redis` as cottontail.
+pub use ::redis as client;
+
+/// The key prefix used by [`RedisStore::connect_default`].
+pub const DEFAULT_PREFIX: &str = "cottontail";
+
+/// Claim: take a free (or expired) id, renew our own claim, otherwise report what holds it.
+/// KEYS[1] = key; ARGV[1] = `claim:<owner>`; ARGV[2] = lease in ms.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {'acquired'}
+end
+local tag = string.sub(v, 1, 6)
+if tag == 'done1:' then return {'done', string.sub(v, 7)} end
+if tag == 'done0:' then return {'done'} end
+if string.sub(v, 1, 6) == 'claim:' then return {'busy'} end
+return {'corrupt'}
+",
+    )
+});
+
+/// Complete: record success unless a success is already recorded (the first reply stays, so
+/// every duplicate gets the same one). Written even if another owner claimed the id since.
+/// KEYS[1] = key; ARGV[1] = `done0:` | `done1:<reply>`; ARGV[2] = retention in ms.
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 4) == 'done' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+",
+    )
+});
+
+/// Release: delete the key only if it is still this owner's claim.
+/// KEYS[1] = key; ARGV[1] = `claim:<owner>`.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// A [`DedupStore`] and [`JobStore`] in Redis, shared by all instances of a service.
+///
+/// Cloning is cheap (one multiplexed connection, reconnected automatically after a loss).
+/// Every operation is limited to [`timeout`](Self::timeout) (2 s by default): a down or hung
+/// Redis becomes a [`StoreError`], and the pipeline retries the message later rather than
+/// running it unchecked.
+///
+/// ```no_run
+/// use cottontail::stores::RedisStore;
+/// use cottontail::{App, Config, Dedup, Queue};
+///
+/// async fn pay() {}
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379", "payments").await?;
+/// App::new(())
+///     .job_store(store.clone())
+///     .handler(Queue::new("pay").dedup(Dedup::new(store)), pay)
+///     .run(Config::from_env()?)
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    job_retention: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("job_retention", &self.job_retention)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://[:password@]host:port[/db]`, `rediss://` for TLS when the
+    /// `redis` crate's TLS feature is on) and keys everything under `key_prefix` (several
+    /// services can share one Redis with different prefixes).
+    ///
+    /// Fails if Redis cannot be reached now; later outages are retried per operation.
+    pub async fn connect(url: &str, key_prefix: &str) -> Result<Self, StoreError> {
+        let client = Client::open(url).map_err(|e| StoreError(format!("redis url: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(DEFAULT_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = bounded("redis", "connect", DEFAULT_TIMEOUT * 3, async {
+            ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(failed)
+        })
+        .await?;
+        Ok(Self::from_manager(conn, key_prefix))
+    }
+
+    /// [`connect`](Self::connect) with the prefix [`DEFAULT_PREFIX`] (`cottontail`).
+    pub async fn connect_default(url: &str) -> Result<Self, StoreError> {
+        Self::connect(url, DEFAULT_PREFIX).await
+    }
+
+    /// Uses a connection you configured yourself (TLS, your own reconnect and response
+    /// timeouts). An empty `key_prefix` means [`DEFAULT_PREFIX`].
+    pub fn from_manager(conn: ConnectionManager, key_prefix: &str) -> Self {
+        let prefix = if key_prefix.is_empty() {
+            DEFAULT_PREFIX
+        } else {
+            key_prefix
+        };
+        Self {
+            conn,
+            prefix: prefix.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            job_retention: Duration::from_secs(3600),
+        }
+    }
+
+    /// The limit on each operation (default 2 s); past it the operation fails as a
+    /// [`StoreError`]. ([`connect`](Self::connect) also sets a 2 s response timeout on the
+    /// connection; use [`from_manager`](Self::from_manager) for longer ones.)
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = limit;
+        self
+    }
+
+    /// How long a job status is kept after its last update (default 1 h).
+    pub fn job_retention(mut self, retention: Duration) -> Self {
+        self.job_retention = retention;
+        self
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The underlying connection (cheap to clone), e.g. for health checks.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// `<prefix>:dedup:<scope>:<id>`, as raw bytes.
+    pub fn dedup_key(&self, scope: &str, id: &str) -> Vec<u8> {
+        key(&self.prefix, &[b"dedup", scope.as_bytes(), id.as_bytes()])
+    }
+
+    /// `<prefix>:job:<message_id>`, as raw bytes.
+    pub fn job_key(&self, message_id: &str) -> Vec<u8> {
+        key(&self.prefix, &[b"job", message_id.as_bytes()])
+    }
+}
+
+/// `prefix:part:part…`, bytes as given.
+fn key(prefix: &str, parts: &[&[u8]]) -> Vec<u8> {
+    let len = prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>();
+    let mut key = Vec::with_capacity(len);
+    key.extend_from_slice(prefix.as_bytes());
+    for part in parts {
+        key.push(b':');
+        key.extend_from_slice(part);
+    }
+    key
+}
+
+fn failed(e: ::redis::RedisError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+fn claim_value(owner: &str) -> Vec<u8> {
+    let mut v = b"claim:".to_vec();
+    v.extend_from_slice(owner.as_bytes());
+    v
+}
+
+fn done_value(reply: Option<Vec<u8>>) -> Vec<u8> {
+    match reply {
+        None => b"done0:".to_vec(),
+        Some(reply) => {
+            let mut v = Vec::with_capacity(reply.len() + 6);
+            v.extend_from_slice(b"done1:");
+            v.extend_from_slice(&reply);
+            v
+        }
+    }
+}
+
+/// Reads the claim script's answer without trusting its shape.
+fn parse_claim(answer: Vec<Vec<u8>>) -> Result<Claim, StoreError> {
+    let mut parts = answer.into_iter();
+    match (parts.next().as_deref(), parts.next()) {
+        (Some(b"acquired"), _) => Ok(Claim::Acquired),
+        (Some(b"busy"), _) => Ok(Claim::Busy),
+        (Some(b"done"), reply) => Ok(Claim::Done { reply }),
+        (Some(b"corrupt"), _) => Err(StoreError(
+            "redis claim: the key holds a value cottontail did not write".into(),
+        )),
+        (other, _) => Err(StoreError(format!(
+            "redis claim: unexpected answer {:?}",
+            other.map(String::from_utf8_lossy)
+        ))),
+    }
+}
+
+impl DedupStore for RedisStore {
+    fn claim(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> BoxFuture<Result<Claim, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.dedup_key(scope, id);
+        let value = claim_value(owner);
+        let limit = self.timeout;
+        Box::pin(async move {
+            let answer: Vec<Vec<u8>> = bounded("redis", "claim", limit, async {
+                CLAIM
+                    .key(key)
+                    .arg(value)
+                    .arg(millis(lease))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await?;
+            parse_claim(answer)
+        })
+    }
+
+    fn complete(
+        &self,
+        scope: &str,
+        id: &str,
+        _owner: &str,
+        reply: Option<Vec<u8>>,
+        retention: Duration,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.dedup_key(scope, id);
+        let value = done_value(reply);
+        let limit = self.timeout;
+        Box::pin(async move {
+            let _written: i64 = bounded("redis", "complete", limit, async {
+                COMPLETE
+                    .key(key)
+                    .arg(value)
+                    .arg(millis(retention))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn release(&self, scope: &str, id: &str, owner: &str) -> BoxFuture<Result<(), StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.dedup_key(scope, id);
+        let value = claim_value(owner);
+        let limit = self.timeout;
+        Box::pin(async move {
+            let _deleted: i64 = bounded("redis", "release", limit, async {
+                RELEASE
+                    .key(key)
+                    .arg(value)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+impl JobStore for RedisStore {
+    fn get(&self, message_id: &str) -> BoxFuture<Result<Option<JobStatus>, String>> {
+        let mut conn = self.conn.clone();
+        let key = self.job_key(message_id);
+        let limit = self.timeout;
+        Box::pin(async move {
+            let raw: Option<Vec<u8>> = bounded("redis", "job get", limit, async {
+                ::redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
+            .map_err(|e| e.0)?;
+            raw.map(|bytes| serde_json::from_slice(&bytes))
+                .transpose()
+                .map_err(|e| format!("redis job get: stored status is not valid: {e}"))
+        })
+    }
+
+    fn put(&self, status: JobStatus) -> BoxFuture<Result<(), String>> {
+        let mut conn = self.conn.clone();
+        let key = self.job_key(&status.message_id);
+        let limit = self.timeout;
+        let retention = millis(self.job_retention);
+        Box::pin(async move {
+            let json = serde_json::to_vec(&status).map_err(|e| format!("job status: {e}"))?;
+            bounded("redis", "job put", limit, async {
+                ::redis::cmd("SET")
+                    .arg(key)
+                    .arg(json)
+                    .arg("PX")
+                    .arg(retention)
+                    .exec_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
+            .map_err(|e| e.0)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_answers_are_parsed_without_trusting_them() {
+        let v = |parts: &[&[u8]]| parts.iter().map(|p| p.to_vec()).collect::<Vec<_>>();
+        assert_eq!(parse_claim(v(&[b"acquired"])), Ok(Claim::Acquired));
+        assert_eq!(parse_claim(v(&[b"busy"])), Ok(Claim::Busy));
+        assert_eq!(parse_claim(v(&[b"done"])), Ok(Claim::Done { reply: None }));
+        assert_eq!(
+            parse_claim(v(&[b"done", b""])),
+            Ok(Claim::Done {
+                reply: Some(Vec::new())
+            })
+        );
+        assert!(parse_claim(v(&[b"corrupt"])).is_err());
+        assert!(parse_claim(Vec::new()).is_err());
+    }
+
+    #[test]
+    fn values_distinguish_no_reply_from_an_empty_one() {
+        assert_eq!(done_value(None), b"done0:");
+        assert_eq!(done_value(Some(Vec::new())), b"done1:");
+        assert_eq!(done_value(Some(b"{}".to_vec())), b"done1:{}");
+        assert_eq!(claim_value("i/1"), b"claim:i/1");
+    }
+
+    #[test]
+    fn keys_keep_the_id_as_is() {
+        assert_eq!(
+            key("p", &[b"dedup", b"h", b"a b\n:x"]),
+            b"p:dedup:h:a b\n:x"
+        );
+        assert_eq!(key("p", &[b"job", b"m1"]), b"p:job:m1");
+    }
+}

@@ -1,0 +1,198 @@
+//! Dedup with the in-memory store: duplicates are acked without running and get the cached
+//! reply; concurrent duplicates run once; a dead holder's lease lapses.
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use cottontail::dedup::DedupStore;
+use cottontail::{App, Dedup, HandlerError, Json, MemoryStore, MessageId, Queue, State};
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize, Serialize)]
+struct Pay {
+    amount: u32,
+}
+
+#[derive(Clone)]
+struct Effects {
+    runs: Counter,
+    delay: Duration,
+}
+
+async fn pay(
+    State(fx): State<Effects>,
+    MessageId(id): MessageId,
+    Json(p): Json<Pay>,
+) -> Result<Json<serde_json::Value>, HandlerError> {
+    tokio::time::sleep(fx.delay).await;
+    fx.runs.add(id.as_deref().unwrap_or("none"));
+    Ok(Json(
+        serde_json::json!({"charged": p.amount, "run": fx.runs.total()}),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_three_times_runs_once_and_replies_the_same_three_times() {
+    let name = unique("dedup3");
+    let store = Arc::new(MemoryStore::new(10_000));
+    let queue = Queue::new(&name)
+        .expires(EXPIRES)
+        .concurrency(1)
+        .dedup(Dedup::shared(store));
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::ZERO,
+    };
+    let app = App::new(fx.clone()).handler(queue.clone(), pay);
+    let metrics = app.metrics().clone();
+    let running = start(app, &unique("app")).await;
+
+    let conn = connect(&unique("client")).await;
+    let (reply_to, replies) = reply_queue(&conn).await;
+    let ch = confirm_channel(&conn).await;
+    for i in 0..3 {
+        let props = json_props()
+            .with_message_id("pay-1".into())
+            .with_reply_to(reply_to.as_str().into())
+            .with_correlation_id(format!("call-{i}").into());
+        publish(&ch, &name, br#"{"amount":42}"#, props).await;
+    }
+    let got = replies.wait_for(3, Duration::from_secs(20)).await;
+    assert_eq!(fx.runs.get("pay-1"), 1, "the effect happened once");
+    let bodies: Vec<_> = got.iter().map(|r| r.data.clone()).collect();
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "same reply each time: {bodies:?}"
+    );
+    let mut cids: Vec<_> = got
+        .iter()
+        .map(|r| r.properties.correlation_id().as_ref().unwrap().to_string())
+        .collect();
+    cids.sort();
+    assert_eq!(cids, vec!["call-0", "call-1", "call-2"]);
+    let text = metrics.render();
+    let labels = [("handler", name.as_str()), ("outcome", "duplicate")];
+    assert_eq!(
+        metric_value(&text, "cottontail_messages_total", &labels),
+        Some(2.0),
+        "{text}"
+    );
+    let labels = [("handler", name.as_str()), ("outcome", "ok")];
+    assert_eq!(
+        metric_value(&text, "cottontail_messages_total", &labels),
+        Some(1.0)
+    );
+    running.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_on_two_instances_run_once() {
+    let name = unique("dedup-conc");
+    let store: Arc<dyn DedupStore> = Arc::new(MemoryStore::new(10_000));
+    let dedup = Dedup::shared(store).busy_delay(Duration::from_millis(300));
+    let queue = Queue::new(&name)
+        .expires(EXPIRES)
+        .concurrency(4)
+        .dedup(dedup);
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::from_millis(700),
+    };
+    let app_a = App::new(fx.clone()).handler(queue.clone(), pay);
+    let app_b = App::new(fx.clone()).handler(queue.clone(), pay);
+    let metrics = [app_a.metrics().clone(), app_b.metrics().clone()];
+    let a = start(app_a, &unique("a")).await;
+    let b = start(app_b, &unique("b")).await;
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    let items = (0..20)
+        .flat_map(|i| {
+            let props = json_props().with_message_id(format!("m{i}").into());
+            [
+                (br#"{"amount":1}"#.to_vec(), props.clone()),
+                (br#"{"amount":1}"#.to_vec(), props),
+            ]
+        })
+        .collect();
+    publish_many(&ch, &name, items).await;
+    let runs = fx.runs.clone();
+    wait_until(Duration::from_secs(30), "20 ids handled", move || {
+        let runs = runs.clone();
+        async move { runs.keys() == 20 }
+    })
+    .await;
+    // The parked duplicates come back and are recognised as duplicates.
+    let handler = name.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "20 duplicates counted",
+        move || {
+            let total: f64 = metrics
+                .iter()
+                .filter_map(|m| {
+                    let labels = [("handler", handler.as_str()), ("outcome", "duplicate")];
+                    metric_value(&m.render(), "cottontail_messages_total", &labels)
+                })
+                .sum();
+            async move { total == 20.0 }
+        },
+    )
+    .await;
+    assert_eq!(fx.runs.total(), 20, "{:?}", fx.runs.snapshot());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(queue_depth(&conn, &name).await, 0);
+    delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_by_a_dead_instance_lapses_and_the_message_is_processed() {
+    let name = unique("dedup-lease");
+    let store = Arc::new(MemoryStore::new(100));
+    // An instance claimed the id, then died without completing or releasing.
+    store
+        .claim(
+            &name,
+            "orphan",
+            "dead-instance",
+            Duration::from_millis(1500),
+        )
+        .await
+        .unwrap();
+    let dedup = Dedup::shared(store).busy_delay(Duration::from_millis(200));
+    let queue = Queue::new(&name).expires(EXPIRES).dedup(dedup);
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::ZERO,
+    };
+    let app = start(
+        App::new(fx.clone()).handler(queue.clone(), pay),
+        &unique("app"),
+    )
+    .await;
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    let started = std::time::Instant::now();
+    publish(
+        &ch,
+        &name,
+        br#"{"amount":5}"#,
+        json_props().with_message_id("orphan".into()),
+    )
+    .await;
+    let runs = fx.runs.clone();
+    wait_until(Duration::from_secs(20), "orphan processed", move || {
+        let runs = runs.clone();
+        async move { runs.get("orphan") == 1 }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "ran before the lease lapsed"
+    );
+    app.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
+}

@@ -1,0 +1,703 @@
+//! Dedup and job statuses in a real Redis: duplicates are acked without running and get the
+//! cached reply; instances with their own connections run each id once; a dead holder's lease
+//! lapses; a Redis outage retries the message (never runs it unchecked) until Redis is back.
+//!
+//! Uses `REDIS_URL` (default `redis://127.0.0.1:6379`) with a unique key prefix per test, and
+//! a private `redis-server` child process for the outage tests.
+#![cfg(feature = "redis")]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use cottontail::dedup::{Claim, DedupStore};
+use cottontail::stores::RedisStore;
+use cottontail::{
+    App, Dedup, HandlerError, JobStatus, JobStore, Json, MessageId, Queue, RetryPolicy, State,
+};
+use serde::{Deserialize, Serialize};
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A store on the shared Redis under a prefix no other test uses.
+async fn store() -> RedisStore {
+    RedisStore::connect(&redis_url(), &unique("redis"))
+        .await
+        .expect("connect to Redis at REDIS_URL")
+}
+
+/// Deletes every key under the store's prefix.
+async fn cleanup(store: &RedisStore) {
+    let mut conn = store.connection();
+    let pattern = format!("{}:*", store.prefix());
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+struct Pay {
+    amount: u32,
+}
+
+#[derive(Clone)]
+struct Effects {
+    runs: Counter,
+    delay: Duration,
+}
+
+async fn pay(
+    State(fx): State<Effects>,
+    MessageId(id): MessageId,
+    Json(p): Json<Pay>,
+) -> Result<Json<serde_json::Value>, HandlerError> {
+    tokio::time::sleep(fx.delay).await;
+    fx.runs.add(id.as_deref().unwrap_or("none"));
+    Ok(Json(
+        serde_json::json!({"charged": p.amount, "run": fx.runs.total()}),
+    ))
+}
+
+fn outcome(metrics: &cottontail::Metrics, handler: &str, outcome: &str) -> f64 {
+    let labels = [("handler", handler), ("outcome", outcome)];
+    metric_value(&metrics.render(), "cottontail_messages_total", &labels).unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through an app
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_three_times_runs_once_and_replies_the_same_three_times() {
+    let name = unique("redis-dedup3");
+    let store = store().await;
+    let queue = Queue::new(&name)
+        .expires(EXPIRES)
+        .concurrency(1)
+        .dedup(Dedup::new(store.clone()));
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::ZERO,
+    };
+    let app = App::new(fx.clone()).handler(queue.clone(), pay);
+    let metrics = app.metrics().clone();
+    let running = start(app, &unique("app")).await;
+
+    let conn = connect(&unique("client")).await;
+    let (reply_to, replies) = reply_queue(&conn).await;
+    let ch = confirm_channel(&conn).await;
+    for i in 0..3 {
+        let props = json_props()
+            .with_message_id("pay-1".into())
+            .with_reply_to(reply_to.as_str().into())
+            .with_correlation_id(format!("call-{i}").into());
+        publish(&ch, &name, br#"{"amount":42}"#, props).await;
+    }
+    let got = replies.wait_for(3, Duration::from_secs(20)).await;
+    assert_eq!(fx.runs.get("pay-1"), 1, "the effect happened once");
+    let bodies: Vec<_> = got.iter().map(|r| r.data.clone()).collect();
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "same reply each time: {bodies:?}"
+    );
+    let mut cids: Vec<_> = got
+        .iter()
+        .map(|r| r.properties.correlation_id().as_ref().unwrap().to_string())
+        .collect();
+    cids.sort();
+    assert_eq!(cids, vec!["call-0", "call-1", "call-2"]);
+    let text = metrics.render();
+    let labels = [("handler", name.as_str()), ("outcome", "duplicate")];
+    assert_eq!(
+        metric_value(&text, "cottontail_messages_total", &labels),
+        Some(2.0),
+        "{text}"
+    );
+    let labels = [("handler", name.as_str()), ("outcome", "ok")];
+    assert_eq!(
+        metric_value(&text, "cottontail_messages_total", &labels),
+        Some(1.0)
+    );
+    // The reply is what Redis holds for the id.
+    let held = store
+        .claim(&name, "pay-1", "someone-else", Duration::from_secs(1))
+        .await;
+    assert_eq!(
+        held,
+        Ok(Claim::Done {
+            reply: Some(bodies[0].clone())
+        })
+    );
+    running.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &RetryPolicy::default())).await;
+    cleanup(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_their_own_connections_run_each_id_once() {
+    let name = unique("redis-dedup-conc");
+    let prefix = unique("redis");
+    // Each instance has its own connection: nothing is shared but the Redis server.
+    let store_a = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let store_b = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let queue = |store: RedisStore| {
+        let dedup = Dedup::new(store).busy_delay(Duration::from_millis(300));
+        Queue::new(&name)
+            .expires(EXPIRES)
+            .concurrency(4)
+            .dedup(dedup)
+    };
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::from_millis(700),
+    };
+    let app_a = App::new(fx.clone()).handler(queue(store_a.clone()), pay);
+    let app_b = App::new(fx.clone()).handler(queue(store_b), pay);
+    let metrics = [app_a.metrics().clone(), app_b.metrics().clone()];
+    let a = start(app_a, &unique("a")).await;
+    let b = start(app_b, &unique("b")).await;
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    let items = (0..20)
+        .flat_map(|i| {
+            let props = json_props().with_message_id(format!("m{i}").into());
+            [
+                (br#"{"amount":1}"#.to_vec(), props.clone()),
+                (br#"{"amount":1}"#.to_vec(), props),
+            ]
+        })
+        .collect();
+    publish_many(&ch, &name, items).await;
+    let runs = fx.runs.clone();
+    wait_until(Duration::from_secs(30), "20 ids handled", move || {
+        let runs = runs.clone();
+        async move { runs.keys() == 20 }
+    })
+    .await;
+    let handler = name.clone();
+    let counted = metrics.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "20 duplicates counted",
+        move || {
+            let total: f64 = counted
+                .iter()
+                .map(|m| outcome(m, &handler, "duplicate"))
+                .sum();
+            async move { total == 20.0 }
+        },
+    )
+    .await;
+    assert_eq!(fx.runs.total(), 20, "{:?}", fx.runs.snapshot());
+    let ok: f64 = metrics.iter().map(|m| outcome(m, &name, "ok")).sum();
+    assert_eq!(ok, 20.0);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(queue_depth(&conn, &name).await, 0);
+    let q = queue(store_a.clone());
+    delete_queues(&handler_queues(&q, &RetryPolicy::default())).await;
+    cleanup(&store_a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_by_a_dead_instance_lapses_and_the_message_is_processed() {
+    let name = unique("redis-dedup-lease");
+    let prefix = unique("redis");
+    // An instance claimed the id, then died without completing or releasing.
+    let dead = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let claimed = dead
+        .claim(
+            &name,
+            "orphan",
+            "dead-instance",
+            Duration::from_millis(1500),
+        )
+        .await;
+    assert_eq!(claimed, Ok(Claim::Acquired));
+    drop(dead);
+    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let dedup = Dedup::new(store.clone()).busy_delay(Duration::from_millis(200));
+    let queue = Queue::new(&name).expires(EXPIRES).dedup(dedup);
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::ZERO,
+    };
+    let app = start(
+        App::new(fx.clone()).handler(queue.clone(), pay),
+        &unique("app"),
+    )
+    .await;
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    let started = Instant::now();
+    publish(
+        &ch,
+        &name,
+        br#"{"amount":5}"#,
+        json_props().with_message_id("orphan".into()),
+    )
+    .await;
+    let runs = fx.runs.clone();
+    wait_until(Duration::from_secs(20), "orphan processed", move || {
+        let runs = runs.clone();
+        async move { runs.get("orphan") == 1 }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "ran before the lease lapsed"
+    );
+    app.stop().await.unwrap();
+    assert_eq!(fx.runs.get("orphan"), 1);
+    delete_queues(&handler_queues(&queue, &RetryPolicy::default())).await;
+    cleanup(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_retries_the_message_and_it_succeeds_once_after_redis_is_back() {
+    let mut redis = PrivateRedis::start();
+    let store = RedisStore::connect(&redis.url(), "outage").await.unwrap();
+    let name = unique("redis-outage");
+    let policy = RetryPolicy::fixed(Duration::from_millis(300))
+        .jitter(0.0)
+        .max_attempts(50);
+    let queue = Queue::new(&name)
+        .expires(EXPIRES)
+        .retry(policy.clone())
+        .dedup(Dedup::new(store.clone()));
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::ZERO,
+    };
+    let app = App::new(fx.clone()).handler(queue.clone(), pay);
+    let metrics = app.metrics().clone();
+    let running = start(app, &unique("app")).await;
+
+    redis.kill();
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    publish(
+        &ch,
+        &name,
+        br#"{"amount":7}"#,
+        json_props().with_message_id("during-outage".into()),
+    )
+    .await;
+    let (m, handler) = (metrics.clone(), name.clone());
+    wait_until(
+        Duration::from_secs(20),
+        "retries while Redis is down",
+        move || {
+            let retried = outcome(&m, &handler, "retried");
+            async move { retried >= 3.0 }
+        },
+    )
+    .await;
+    assert_eq!(
+        fx.runs.total(),
+        0,
+        "never runs without the dedup check while the store is down"
+    );
+
+    redis.restart();
+    let runs = fx.runs.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "processed after Redis is back",
+        move || {
+            let runs = runs.clone();
+            async move { runs.get("during-outage") == 1 }
+        },
+    )
+    .await;
+    let (m, handler) = (metrics.clone(), name.clone());
+    wait_until(Duration::from_secs(10), "ok counted", move || {
+        let ok = outcome(&m, &handler, "ok");
+        async move { ok == 1.0 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(fx.runs.total(), 1, "{:?}", fx.runs.snapshot());
+    assert_eq!(outcome(&metrics, &name, "dead_lettered"), 0.0);
+    // The reconnected store holds the success.
+    let held = store
+        .claim(&name, "during-outage", "x", Duration::from_secs(1))
+        .await;
+    assert!(matches!(held, Ok(Claim::Done { .. })), "{held:?}");
+    running.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &policy)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_statuses_written_by_one_instance_are_read_by_another() {
+    let name = unique("redis-jobs");
+    let prefix = unique("redis");
+    let writer = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let reader = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
+    let queue = Queue::new(&name).expires(EXPIRES);
+    let fx = Effects {
+        runs: Counter::default(),
+        delay: Duration::ZERO,
+    };
+    let app = App::new(fx.clone())
+        .job_store(writer.clone())
+        .handler(queue.clone(), pay);
+    let running = start(app, &unique("app")).await;
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    let id = unique("job");
+    publish(
+        &ch,
+        &name,
+        br#"{"amount":3}"#,
+        json_props().with_message_id(id.as_str().into()),
+    )
+    .await;
+    let (r, i) = (reader.clone(), id.clone());
+    wait_until(Duration::from_secs(20), "job succeeded", move || {
+        let (r, i) = (r.clone(), i.clone());
+        async move {
+            matches!(r.get(&i).await, Ok(Some(JobStatus { ref status, .. })) if status == "succeeded")
+        }
+    })
+    .await;
+    let job = reader.get(&id).await.unwrap().unwrap();
+    assert_eq!(job.handler, name);
+    assert_eq!(
+        job.result,
+        Some(serde_json::json!({"charged": 3, "run": 1}))
+    );
+    running.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &RetryPolicy::default())).await;
+    cleanup(&writer).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store's semantics, against the real server
+// ---------------------------------------------------------------------------------------------
+
+const S: Duration = Duration::from_secs(1);
+const SHORT: Duration = Duration::from_millis(300);
+
+#[tokio::test]
+async fn claims_are_exclusive_until_the_lease_lapses_and_the_owner_can_renew() {
+    let store = store().await;
+    assert_eq!(store.claim("h", "m", "a", SHORT).await, Ok(Claim::Acquired));
+    assert_eq!(store.claim("h", "m", "b", 10 * S).await, Ok(Claim::Busy));
+    assert_eq!(
+        store.claim("other-handler", "m", "b", 10 * S).await,
+        Ok(Claim::Acquired),
+        "scopes are independent"
+    );
+    // The owner renews its own claim (and extends it).
+    assert_eq!(
+        store.claim("h", "m", "a", 10 * S).await,
+        Ok(Claim::Acquired)
+    );
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(
+        store.claim("h", "m", "b", S).await,
+        Ok(Claim::Busy),
+        "renewed"
+    );
+
+    assert_eq!(store.claim("h", "n", "a", SHORT).await, Ok(Claim::Acquired));
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(
+        store.claim("h", "n", "b", S).await,
+        Ok(Claim::Acquired),
+        "lapsed"
+    );
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn done_ids_return_their_reply_until_retention_ends() {
+    let store = store().await;
+    store.claim("h", "m", "a", S).await.unwrap();
+    store
+        .complete("h", "m", "a", Some(b"r\0\xff".to_vec()), SHORT)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim("h", "m", "b", S).await,
+        Ok(Claim::Done {
+            reply: Some(b"r\0\xff".to_vec())
+        }),
+        "binary replies survive"
+    );
+    assert_eq!(
+        store.claim("h", "m", "a", S).await,
+        Ok(Claim::Done {
+            reply: Some(b"r\0\xff".to_vec())
+        }),
+        "even for the former owner"
+    );
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(store.claim("h", "m", "b", S).await, Ok(Claim::Acquired));
+
+    // No reply and an empty reply are different answers.
+    store
+        .complete("h", "none", "a", None, 60 * S)
+        .await
+        .unwrap();
+    store
+        .complete("h", "empty", "a", Some(Vec::new()), 60 * S)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim("h", "none", "b", S).await,
+        Ok(Claim::Done { reply: None })
+    );
+    assert_eq!(
+        store.claim("h", "empty", "b", S).await,
+        Ok(Claim::Done {
+            reply: Some(Vec::new())
+        })
+    );
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn release_only_drops_the_owners_claim() {
+    let store = store().await;
+    store.claim("h", "m", "a", 10 * S).await.unwrap();
+    store.release("h", "m", "b").await.unwrap();
+    assert_eq!(store.claim("h", "m", "b", S).await, Ok(Claim::Busy));
+    store.release("h", "m", "a").await.unwrap();
+    assert_eq!(store.claim("h", "m", "b", S).await, Ok(Claim::Acquired));
+    // A done id is not released by anyone.
+    store.complete("h", "m", "b", None, 60 * S).await.unwrap();
+    store.release("h", "m", "b").await.unwrap();
+    assert_eq!(
+        store.claim("h", "m", "c", S).await,
+        Ok(Claim::Done { reply: None })
+    );
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn success_is_recorded_even_after_another_owner_took_over_and_the_first_reply_stays() {
+    let store = store().await;
+    store.claim("h", "m", "a", SHORT).await.unwrap();
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(
+        store.claim("h", "m", "b", 10 * S).await,
+        Ok(Claim::Acquired)
+    );
+    // `a` finishes late: success is success.
+    store
+        .complete("h", "m", "a", Some(b"from a".to_vec()), 60 * S)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim("h", "m", "c", S).await,
+        Ok(Claim::Done {
+            reply: Some(b"from a".to_vec())
+        })
+    );
+    // `b` also succeeds: duplicates keep getting the reply they got before.
+    store
+        .complete("h", "m", "b", Some(b"from b".to_vec()), 60 * S)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim("h", "m", "c", S).await,
+        Ok(Claim::Done {
+            reply: Some(b"from a".to_vec())
+        })
+    );
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn ids_are_kept_as_they_came_in_the_key() {
+    let store = store().await;
+    let odd = "a b:c\n\u{e9}\u{1f600}*?[x]";
+    assert_eq!(store.claim("h", odd, "a", S).await, Ok(Claim::Acquired));
+    let mut conn = store.connection();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(store.dedup_key("h", odd))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 1);
+    let mut expected = format!("{}:dedup:h:", store.prefix()).into_bytes();
+    expected.extend_from_slice(odd.as_bytes());
+    assert_eq!(store.dedup_key("h", odd), expected);
+    assert_eq!(
+        store.claim("h", "a b:c", "b", S).await,
+        Ok(Claim::Acquired),
+        "a prefix of the id is another id"
+    );
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn job_statuses_round_trip_and_expire() {
+    let store = store().await.job_retention(SHORT);
+    assert_eq!(store.get("missing").await, Ok(None));
+    let job = JobStatus {
+        status: "running".into(),
+        message_id: "j1".into(),
+        handler: "h".into(),
+        attempts: 1,
+        created_at: 1.5,
+        updated_at: 2.5,
+        ..JobStatus::default()
+    };
+    store.put(job.clone()).await.unwrap();
+    assert_eq!(store.get("j1").await, Ok(Some(job.clone())));
+    let done = JobStatus {
+        status: "succeeded".into(),
+        result: Some(serde_json::json!({"ok": true})),
+        ..job
+    };
+    store.put(done.clone()).await.unwrap();
+    assert_eq!(store.get("j1").await, Ok(Some(done)));
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(store.get("j1").await, Ok(None), "retention over");
+    cleanup(&store).await;
+}
+
+#[tokio::test]
+async fn a_hung_redis_is_an_error_within_the_timeout_not_a_stuck_call() {
+    let mut redis = PrivateRedis::start();
+    let store = RedisStore::connect(&redis.url(), "hung")
+        .await
+        .unwrap()
+        .timeout(Duration::from_millis(500));
+    assert_eq!(store.claim("h", "m", "a", S).await, Ok(Claim::Acquired));
+    redis.signal("STOP");
+    let started = Instant::now();
+    let claim = store.claim("h", "m", "a", S).await;
+    let release = store.release("h", "m", "a").await;
+    let job = store.get("j").await;
+    redis.signal("CONT");
+    assert!(claim.is_err(), "{claim:?}");
+    assert!(release.is_err(), "{release:?}");
+    assert!(job.is_err(), "{job:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // And it answers again once Redis does.
+    let store = store.timeout(Duration::from_secs(2));
+    let mut again = Err(cottontail::dedup::StoreError(String::new()));
+    for _ in 0..20 {
+        again = store.claim("h", "m", "a", S).await;
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(again, Ok(Claim::Acquired));
+    redis.kill();
+}
+
+#[tokio::test]
+async fn connecting_to_no_redis_is_an_error() {
+    let port = free_port();
+    let result = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "x").await;
+    assert!(result.is_err());
+    assert!(RedisStore::connect("not a url", "x").await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A private redis-server (never the shared one)
+// ---------------------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let mut me = Self {
+            port: free_port(),
+            child: None,
+        };
+        me.restart();
+        me
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it answers.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn answers(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut buf).is_ok()
+            && &buf == b"+PONG\r\n"
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to this test's own redis-server.
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

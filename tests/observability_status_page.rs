@@ -1,0 +1,101 @@
+//! The built-in status page, rendered by headless Chromium (Debian's `chromium` package).
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use cottontail::{App, HandlerError, Json, Queue};
+
+async fn picky(Json(v): Json<serde_json::Value>) -> Result<(), HandlerError> {
+    if v["bad"] == true {
+        return Err(HandlerError::permanent(
+            "rejected_by_test",
+            "bad on purpose",
+        ));
+    }
+    Ok(())
+}
+
+fn chromium(args: &[&str]) -> std::process::Output {
+    let user_dir = std::env::temp_dir().join(unique("chromium-profile"));
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", user_dir.display()))
+        .args(args)
+        .output()
+        .expect("chromium is installed (apt-get install chromium; .ci/run does it)");
+    let _ = std::fs::remove_dir_all(user_dir);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_the_handlers_table_in_chromium() {
+    let name = unique("status");
+    let queue = Queue::new(&name).expires(EXPIRES);
+    let config = config(&unique("app")).http("127.0.0.1:0".parse().unwrap());
+    let app = start_with(App::new(()).handler(queue.clone(), picky), config).await;
+    let http = app.http_addr().unwrap();
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    publish(&ch, &name, br#"{"bad":false}"#, json_props()).await;
+    publish(
+        &ch,
+        &name,
+        br#"{"bad":true}"#,
+        json_props().with_message_id("the-bad-one".into()),
+    )
+    .await;
+    wait_until(Duration::from_secs(20), "both settled", || async move {
+        http_get(http, "/status.json")
+            .await
+            .1
+            .contains("the-bad-one")
+    })
+    .await;
+
+    let url = format!("http://{http}/");
+    let dom = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || chromium(&["--dump-dom", &url])
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    assert!(
+        dom.contains(&format!("<td class=\"l\">{name}</td>")),
+        "handlers table not rendered:\n{dom}"
+    );
+    assert!(
+        dom.contains("rejected_by_test"),
+        "recent dead-letters not rendered:\n{dom}"
+    );
+    assert!(dom.contains(">ready<") || dom.contains(">ready ·"), "{dom}");
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let arg = format!("--screenshot={}", shot.display());
+    let out =
+        tokio::task::spawn_blocking(move || chromium(&[&arg, "--window-size=1200,700", &url]))
+            .await
+            .unwrap();
+    let png = std::fs::read(&shot)
+        .unwrap_or_else(|_| panic!("no screenshot: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    assert!(
+        png.len() > 10_000,
+        "suspiciously small screenshot ({} bytes)",
+        png.len()
+    );
+    app.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
+}
