@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::acker::{Acker, Settle};
 use crate::config::Config;
-use crate::connection::Connector;
+use crate::connection::{bounded, Connector, CLEANUP};
 use crate::handler::{Handler, Layer, Service};
 use crate::health::Health;
 use crate::http;
@@ -132,6 +132,12 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     /// Stores job statuses (`/jobs/{message_id}`) in `store` instead of process memory.
     pub fn job_store(mut self, store: impl JobStore) -> Self {
         self.jobs = Arc::new(store);
+        self
+    }
+
+    /// The same, with a store shared with other parts of the service.
+    pub fn shared_job_store(mut self, store: Arc<dyn JobStore>) -> Self {
+        self.jobs = store;
         self
     }
 
@@ -307,7 +313,7 @@ impl Supervisor {
                 Err(e) => {
                     self.health.set_connected(false);
                     self.metrics.set_connected(false);
-                    let _ = connection.close(200, "setup failed".into()).await;
+                    let _ = bounded(CLEANUP, connection.close(200, "setup failed".into())).await;
                     if matches!(e, Error::QueueMismatch(_) | Error::Config(_)) {
                         tracing::error!(error = %e, "cannot start");
                         return Err(e);
@@ -467,7 +473,8 @@ impl Session {
     async fn drain(self, connection: &Connection, limit: Duration) {
         self.stop.cancel();
         for handle in self.loops {
-            let _ = handle.await;
+            // A loop ends once its in-flight message is done (ordered partitions run inline).
+            let _ = bounded(limit + CLEANUP, handle).await;
         }
         self.tracker.close();
         if tokio::time::timeout(limit, self.tracker.wait())
@@ -479,27 +486,28 @@ impl Session {
                 "shutdown timeout: unfinished messages go back to the queue"
             );
             self.abort.cancel();
-            self.tracker.wait().await;
+            let _ = bounded(CLEANUP, self.tracker.wait()).await;
         }
         for acker in &self.ackers {
-            acker.flush().await;
+            let _ = bounded(CLEANUP, acker.flush()).await;
         }
         // Our own close is not a failure: stop watching first.
         self.failed.cancel();
-        let _ = connection.close(200, "shutdown".into()).await;
+        let _ = bounded(CLEANUP, connection.close(200, "shutdown".into())).await;
         tracing::info!("drained and closed");
     }
 
     /// After a lost connection: stop everything; the broker has requeued what was unacked.
+    /// Every step is time-limited: the connection may be half dead.
     async fn abandon(self, connection: &Connection) {
         self.stop.cancel();
         self.abort.cancel();
         for handle in self.loops {
-            let _ = handle.await;
+            let _ = bounded(CLEANUP, handle).await;
         }
         self.tracker.close();
-        self.tracker.wait().await;
-        let _ = connection.close(200, "recovering".into()).await;
+        let _ = bounded(CLEANUP, self.tracker.wait()).await;
+        let _ = bounded(CLEANUP, connection.close(200, "recovering".into())).await;
     }
 }
 

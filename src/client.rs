@@ -679,14 +679,17 @@ fn base_properties(
     if let Some(id) = message_id {
         properties = properties.with_message_id(id.into());
     }
-    if !extra.is_empty() {
-        let mut table = FieldTable::default();
-        for (k, v) in extra {
-            headers::set_string(&mut table, k, v.as_str());
-        }
-        properties = properties.with_headers(table);
+    let mut table = FieldTable::default();
+    for (k, v) in extra {
+        headers::set_string(&mut table, k, v.as_str());
     }
-    properties
+    // Every message starts (or continues, when the caller passed one) a W3C trace, so the
+    // handler's span and its replies join the caller's trace.
+    if !table.contains_key(crate::TRACEPARENT) {
+        let trace = crate::TraceContext::new_root();
+        headers::set_string(&mut table, crate::TRACEPARENT, trace.to_string());
+    }
+    properties.with_headers(table)
 }
 
 /// One outstanding RPC call. Dropping it abandons the call (a later reply is discarded).

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::acker::{Acker, Settle};
+use crate::connection::{bounded, CLEANUP};
 use crate::dead_letter;
 use crate::dedup::StoreError;
 use crate::extract::{FromMessage, Sequence};
@@ -285,7 +286,7 @@ pub(crate) async fn balance(
             for p in extra {
                 if let Some((release, handle)) = owned.remove(&p) {
                     release.cancel();
-                    let _ = handle.await;
+                    let _ = bounded(CLEANUP * 2, handle).await;
                     tracing::info!(queue, partition = p, "released partition");
                 }
             }
@@ -341,10 +342,10 @@ pub(crate) async fn balance(
     }
     for (_, (release, handle)) in owned {
         release.cancel();
-        let _ = handle.await;
+        let _ = bounded(CLEANUP * 2, handle).await;
     }
     metrics.partitions.set(0);
-    let _ = member_channel.close(200, "bye".into()).await;
+    let _ = bounded(CLEANUP, member_channel.close(200, "bye".into())).await;
 }
 
 async fn join_members(connection: &Connection, members: &str) -> Result<Channel, lapin::Error> {
@@ -361,6 +362,12 @@ async fn join_members(connection: &Connection, members: &str) -> Result<Channel,
 }
 
 async fn count_consumers(connection: &Connection, queue: &str) -> Result<u32, ()> {
+    bounded(CLEANUP, count_consumers_now(connection, queue))
+        .await
+        .unwrap_or(Err(()))
+}
+
+async fn count_consumers_now(connection: &Connection, queue: &str) -> Result<u32, ()> {
     let channel = connection.create_channel().await.map_err(|_| ())?;
     let result = channel
         .queue_declare(
@@ -460,12 +467,13 @@ impl Partition {
             self.acker.settle(pending.tag, Settle::Requeue);
         }
         self.metrics.held.set(0);
-        self.acker.flush().await;
-        let _ = self
+        let _ = bounded(CLEANUP, self.acker.flush()).await;
+        let cancel = self
             .channel
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-            .await;
-        let _ = self.channel.close(200, "partition released".into()).await;
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default());
+        let _ = bounded(CLEANUP, cancel).await;
+        let close = self.channel.close(200, "partition released".into());
+        let _ = bounded(CLEANUP, close).await;
     }
 
     async fn next_of(&mut self, key: &str) -> Result<u64, StoreError> {

@@ -1,13 +1,20 @@
-//! Shared dedup and job-status stores, for handlers that run on more than one instance.
+//! Shared dedup, job-status and sequence stores, for handlers that run on more than one
+//! instance.
 //!
-//! [`MemoryStore`](crate::MemoryStore) and [`MemoryJobs`](crate::MemoryJobs) only see their own
-//! process: two instances of a service would each run the same message id once. These stores
-//! keep the claims, the cached replies and the job statuses where every instance sees them.
+//! [`MemoryStore`](crate::MemoryStore), [`MemoryJobs`](crate::MemoryJobs),
+//! [`MemorySequences`](crate::MemorySequences) and [`MemoryStamper`](crate::MemoryStamper)
+//! only see their own process: two instances of a service would each run the same message id
+//! once, and an ordered handler's state would not survive a restart or follow a partition to
+//! another instance. These stores keep the claims, the cached replies, the job statuses and
+//! the sequence numbers where every instance sees them.
 //!
-//! | store | feature | claim | exactly-once with your own writes |
-//! |---|---|---|---|
-//! | [`RedisStore`] | `redis` | one Lua script (atomic) | no |
-//! | [`PostgresStore`] | `postgres` | one `INSERT … ON CONFLICT` | yes, with [`PostgresStore::begin_once`] |
+//! | store | feature | claim | exactly-once with your own writes | sequence advance ([`SequenceStore`](crate::SequenceStore)) | stamp ([`SequenceStamper`](crate::SequenceStamper)) |
+//! |---|---|---|---|---|---|
+//! | [`RedisStore`] | `redis` | one Lua script (atomic) | no | one Lua compare-and-set | `INCR` |
+//! | [`PostgresStore`] | `postgres` | one `INSERT … ON CONFLICT` | yes, with [`PostgresStore::begin_once`] | one `UPDATE … WHERE next = from` (or upsert from 1) | one `INSERT … ON CONFLICT … RETURNING` |
+//!
+//! Sequence numbers and stamps never expire (losing them would re-apply or re-stamp a key
+//! from 1).
 //!
 //! Every operation is time-limited (2 s by default): a slow or unreachable store becomes a
 //! [`StoreError`], which the pipeline treats as a transient failure

@@ -1,9 +1,14 @@
-//! Dedup claims, cached replies and job statuses in PostgreSQL, shared by every instance, and
-//! an exactly-once mode for handlers whose effects are writes to the same database.
+//! Dedup claims, cached replies, job statuses and ordered-delivery sequence state in
+//! PostgreSQL, shared by every instance, and an exactly-once mode for handlers whose effects
+//! are writes to the same database.
 //!
 //! Claims are single `INSERT … ON CONFLICT DO UPDATE … WHERE` statements, so two instances
 //! racing for one id serialize on the row and exactly one wins. Every expiry is computed with
 //! the database's clock (`now()`), so instances with skewed clocks agree.
+//!
+//! Sequence state (`cottontail_sequences`: the next expected number per handler and key) and
+//! stamps (`cottontail_stamps`: the last number handed out per key) never expire; every
+//! change is one statement, so it is atomic without an explicit transaction.
 //!
 //! [`PostgresStore::begin_once`] goes further than a claim: the dedup row is inserted inside
 //! the handler's own transaction, so "the effect happened" and "the id is done" commit
@@ -22,6 +27,7 @@ use super::{bounded, millis, DEFAULT_TIMEOUT};
 use crate::dedup::{Claim, DedupStore, StoreError};
 use crate::handler::BoxFuture;
 use crate::jobs::{JobStatus, JobStore};
+use crate::ordering::{SequenceStamper, SequenceStore};
 
 /// Re-exported so callers build pools with the same versions as cottontail.
 pub use deadpool_postgres;
@@ -50,12 +56,28 @@ CREATE TABLE IF NOT EXISTS cottontail_jobs (
     expires_at timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cottontail_jobs_expires_at ON cottontail_jobs (expires_at);
+CREATE TABLE IF NOT EXISTS cottontail_sequences (
+    scope text   NOT NULL,
+    key   text   NOT NULL,
+    next  bigint NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE TABLE IF NOT EXISTS cottontail_stamps (
+    key  text   PRIMARY KEY,
+    last bigint NOT NULL
+);
 ";
 
-/// How many of the migration's tables and indexes exist (4 when it has run).
+/// How many of the migration's tables and indexes exist ([`MIGRATED_ALL`] when it has run).
+/// Every object [`MIGRATION`] creates must be listed, so a database migrated by an older
+/// version (with fewer objects) is noticed and completed.
 const MIGRATED: &str = "\
 SELECT count(to_regclass(name)) FROM unnest(ARRAY['cottontail_dedup', 'cottontail_jobs',
-    'cottontail_dedup_expires_at', 'cottontail_jobs_expires_at']) AS name";
+    'cottontail_dedup_expires_at', 'cottontail_jobs_expires_at', 'cottontail_sequences',
+    'cottontail_stamps']) AS name";
+
+/// The number of objects [`MIGRATED`] counts.
+const MIGRATED_ALL: i64 = 6;
 
 /// Serializes concurrent migrations (`CREATE … IF NOT EXISTS` alone can still collide).
 const MIGRATION_LOCK: i64 = 0x636f_7474_6f6e_7461;
@@ -110,6 +132,25 @@ INSERT INTO cottontail_jobs (message_id, status, expires_at)
 VALUES ($1, $2::text::jsonb, now() + $3::float8 * interval '1 millisecond')
 ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, expires_at = EXCLUDED.expires_at";
 
+const SEQ_NEXT: &str = "\
+SELECT next FROM cottontail_sequences WHERE scope = $1 AND key = $2";
+
+/// Compare-and-set from 1: a missing row is 1, so the insert and the update of a row still at
+/// 1 are one atomic statement (two instances racing on a new key cannot both win).
+const SEQ_ADVANCE_FROM_ONE: &str = "\
+INSERT INTO cottontail_sequences AS s (scope, key, next) VALUES ($1, $2, $3)
+ON CONFLICT (scope, key) DO UPDATE SET next = EXCLUDED.next WHERE s.next = 1
+RETURNING true";
+
+/// Compare-and-set from anything else: a missing row (1) cannot match.
+const SEQ_ADVANCE: &str = "\
+UPDATE cottontail_sequences SET next = $4 WHERE scope = $1 AND key = $2 AND next = $3";
+
+const STAMP: &str = "\
+INSERT INTO cottontail_stamps (key, last) VALUES ($1, 1)
+ON CONFLICT (key) DO UPDATE SET last = cottontail_stamps.last + 1
+RETURNING last";
+
 const PURGE: &str = "\
 DELETE FROM cottontail_dedup WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM cottontail_dedup WHERE expires_at <= now() LIMIT 10000));
@@ -120,8 +161,8 @@ DELETE FROM cottontail_jobs WHERE ctid = ANY(ARRAY(
 /// back are deleted by a bounded purge every this many writes.
 const PURGE_EVERY: u64 = 1000;
 
-/// A [`DedupStore`] and [`JobStore`] in PostgreSQL, plus exactly-once transactions
-/// ([`begin_once`](Self::begin_once)).
+/// A [`DedupStore`], [`JobStore`], [`SequenceStore`] and [`SequenceStamper`] in PostgreSQL,
+/// plus exactly-once transactions ([`begin_once`](Self::begin_once)).
 ///
 /// Cloning is cheap (a shared connection pool). Every operation is limited to
 /// [`timeout`](Self::timeout) (2 s by default): a down or hung database becomes a
@@ -241,7 +282,7 @@ impl PostgresStore {
         let limit = self.timeout.max(Duration::from_secs(10));
         self.with_client("migrate", limit, |c| async move {
             let present: i64 = c.query_one(MIGRATED, &[]).await?.try_get(0)?;
-            if present < 4 {
+            if present < MIGRATED_ALL {
                 c.batch_execute(&sql).await?;
             }
             Ok(())
@@ -408,6 +449,20 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
         Some(db) => StoreError(format!("{} ({})", db.message(), db.code().code())),
         None => StoreError(e.to_string()),
     }
+}
+
+/// A sequence number as a `bigint`.
+fn to_bigint(what: &str, n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError(format!("postgres {what}: {n} is past bigint")))
+}
+
+/// A stored `bigint` as a sequence number (they start at 1).
+fn from_bigint(what: &str, n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+        StoreError(format!(
+            "postgres {what}: stored {n}, not a sequence number"
+        ))
+    })
 }
 
 /// Reads a `PEEK` row.
@@ -590,6 +645,69 @@ impl JobStore for PostgresStore {
                 .map_err(|e| e.0)?;
             store.wrote();
             Ok(())
+        })
+    }
+}
+
+impl SequenceStore for PostgresStore {
+    fn next(&self, scope: &str, key: &str) -> BoxFuture<Result<u64, StoreError>> {
+        let store = self.clone();
+        let (scope, key) = (scope.to_owned(), key.to_owned());
+        Box::pin(async move {
+            let stored: Option<i64> = store
+                .with_client("sequence next", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(SEQ_NEXT).await?;
+                    match c.query_opt(&stmt, &[&scope, &key]).await? {
+                        Some(row) => row.try_get(0).map(Some),
+                        None => Ok(None),
+                    }
+                })
+                .await?;
+            stored.map_or(Ok(1), |n| from_bigint("sequence next", n))
+        })
+    }
+
+    fn advance(
+        &self,
+        scope: &str,
+        key: &str,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<Result<bool, StoreError>> {
+        let store = self.clone();
+        let (scope, key) = (scope.to_owned(), key.to_owned());
+        Box::pin(async move {
+            let (from, to) = (
+                to_bigint("sequence advance", from)?,
+                to_bigint("sequence advance", to)?,
+            );
+            store
+                .with_client("sequence advance", store.timeout, |c| async move {
+                    if from == 1 {
+                        let stmt = c.prepare_cached(SEQ_ADVANCE_FROM_ONE).await?;
+                        Ok(c.query_opt(&stmt, &[&scope, &key, &to]).await?.is_some())
+                    } else {
+                        let stmt = c.prepare_cached(SEQ_ADVANCE).await?;
+                        Ok(c.execute(&stmt, &[&scope, &key, &from, &to]).await? == 1)
+                    }
+                })
+                .await
+        })
+    }
+}
+
+impl SequenceStamper for PostgresStore {
+    fn stamp(&self, key: &str) -> BoxFuture<Result<u64, StoreError>> {
+        let store = self.clone();
+        let key = key.to_owned();
+        Box::pin(async move {
+            let last: i64 = store
+                .with_client("stamp", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(STAMP).await?;
+                    c.query_one(&stmt, &[&key]).await?.try_get(0)
+                })
+                .await?;
+            from_bigint("stamp", last)
         })
     }
 }

@@ -1,4 +1,5 @@
-//! Dedup claims, cached replies and job statuses in Redis, shared by every instance.
+//! Dedup claims, cached replies, job statuses and ordered-delivery sequence state in Redis,
+//! shared by every instance.
 //!
 //! Each operation is one command or one Lua script, so it is atomic on the server: two
 //! instances claiming the same id at the same moment cannot both win. Expiry is Redis's own
@@ -7,8 +8,13 @@
 //! Keys:
 //! - `<prefix>:dedup:<scope>:<id>` → `claim:<owner>` | `done0:` (no reply) | `done1:<reply bytes>`
 //! - `<prefix>:job:<message_id>` → the [`JobStatus`] as JSON
+//! - `<prefix>:seq:<scope>:<key>` → the next expected sequence number of `key` (decimal; a
+//!   missing key means 1). Never expires: losing it would re-apply the key from 1.
+//! - `<prefix>:stamp:<key>` → the last sequence number stamped for `key` (`INCR`). Never
+//!   expires: losing it would hand out numbers again.
 //!
-//! The id is used as it came from the wire (Redis keys are binary-safe).
+//! The id and the sequence key are used as they came from the wire (Redis keys are
+//! binary-safe).
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -20,6 +26,7 @@ use super::{bounded, millis, DEFAULT_TIMEOUT};
 use crate::dedup::{Claim, DedupStore, StoreError};
 use crate::handler::BoxFuture;
 use crate::jobs::{JobStatus, JobStore};
+use crate::ordering::{SequenceStamper, SequenceStore};
 
 /// Re-exported so callers build clients and connections with the same `redis` as cottontail.
 pub use ::redis as client;
@@ -73,7 +80,23 @@ return 0
     )
 });
 
-/// A [`DedupStore`] and [`JobStore`] in Redis, shared by all instances of a service.
+/// Sequence compare-and-set: move the next expected number from ARGV[1] to ARGV[2] if it is
+/// ARGV[1] now (a missing key is 1). Compared as decimal strings, so numbers past 2^53 (Lua's
+/// exact range) stay exact. KEYS[1] = key.
+static ADVANCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if not v then v = '1' end
+if v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+",
+    )
+});
+
+/// A [`DedupStore`], [`JobStore`], [`SequenceStore`] and [`SequenceStamper`] in Redis, shared
+/// by all instances of a service.
 ///
 /// Cloning is cheap (one multiplexed connection, reconnected automatically after a loss).
 /// Every operation is limited to [`timeout`](Self::timeout) (2 s by default): a down or hung
@@ -191,6 +214,19 @@ impl RedisStore {
     pub fn job_key(&self, message_id: &str) -> Vec<u8> {
         key(&self.prefix, &[b"job", message_id.as_bytes()])
     }
+
+    /// `<prefix>:seq:<scope>:<key>` (a key's next expected sequence number), as raw bytes.
+    pub fn sequence_key(&self, scope: &str, sequence_key: &str) -> Vec<u8> {
+        key(
+            &self.prefix,
+            &[b"seq", scope.as_bytes(), sequence_key.as_bytes()],
+        )
+    }
+
+    /// `<prefix>:stamp:<key>` (the last number stamped for a key), as raw bytes.
+    pub fn stamp_key(&self, sequence_key: &str) -> Vec<u8> {
+        key(&self.prefix, &[b"stamp", sequence_key.as_bytes()])
+    }
 }
 
 /// `prefix:part:part…`, bytes as given.
@@ -225,6 +261,24 @@ fn done_value(reply: Option<Vec<u8>>) -> Vec<u8> {
             v
         }
     }
+}
+
+/// Reads a stored next-expected number (missing = 1). Only the canonical decimal form is
+/// accepted: [`ADVANCE`] compares strings, so a value it could never match (`05`, `+5`) must
+/// be an error here rather than a key that silently never advances.
+fn parse_next(raw: Option<Vec<u8>>) -> Result<u64, StoreError> {
+    let Some(raw) = raw else {
+        return Ok(1);
+    };
+    std::str::from_utf8(&raw)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok().filter(|n| n.to_string() == s))
+        .ok_or_else(|| {
+            StoreError(format!(
+                "redis sequence next: the key holds {:?}, not a sequence number",
+                String::from_utf8_lossy(&raw)
+            ))
+        })
 }
 
 /// Reads the claim script's answer without trusting its shape.
@@ -362,6 +416,72 @@ impl JobStore for RedisStore {
     }
 }
 
+impl SequenceStore for RedisStore {
+    fn next(&self, scope: &str, key: &str) -> BoxFuture<Result<u64, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.sequence_key(scope, key);
+        let limit = self.timeout;
+        Box::pin(async move {
+            let raw: Option<Vec<u8>> = bounded("redis", "sequence next", limit, async {
+                ::redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await?;
+            parse_next(raw)
+        })
+    }
+
+    fn advance(
+        &self,
+        scope: &str,
+        key: &str,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<Result<bool, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.sequence_key(scope, key);
+        let limit = self.timeout;
+        Box::pin(async move {
+            let moved: i64 = bounded("redis", "sequence advance", limit, async {
+                ADVANCE
+                    .key(key)
+                    .arg(from.to_string())
+                    .arg(to.to_string())
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await?;
+            Ok(moved == 1)
+        })
+    }
+}
+
+impl SequenceStamper for RedisStore {
+    fn stamp(&self, key: &str) -> BoxFuture<Result<u64, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.stamp_key(key);
+        let limit = self.timeout;
+        Box::pin(async move {
+            let n: i64 = bounded("redis", "stamp", limit, async {
+                ::redis::cmd("INCR")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await?;
+            u64::try_from(n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| StoreError(format!("redis stamp: counter at {n}, not positive")))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,5 +517,21 @@ mod tests {
             b"p:dedup:h:a b\n:x"
         );
         assert_eq!(key("p", &[b"job", b"m1"]), b"p:job:m1");
+        assert_eq!(key("p", &[b"seq", b"h", b"order-1"]), b"p:seq:h:order-1");
+        assert_eq!(key("p", &[b"stamp", b"order-1"]), b"p:stamp:order-1");
+    }
+
+    #[test]
+    fn next_numbers_are_parsed_strictly() {
+        assert_eq!(parse_next(None), Ok(1));
+        assert_eq!(parse_next(Some(b"42".to_vec())), Ok(42));
+        assert_eq!(
+            parse_next(Some(u64::MAX.to_string().into_bytes())),
+            Ok(u64::MAX)
+        );
+        assert!(parse_next(Some(b"-1".to_vec())).is_err());
+        assert!(parse_next(Some(b"05".to_vec())).is_err());
+        assert!(parse_next(Some(b"+5".to_vec())).is_err());
+        assert!(parse_next(Some(b"x".to_vec())).is_err());
     }
 }

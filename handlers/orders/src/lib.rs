@@ -6,14 +6,18 @@
 //! `invalid_transition`. With `reply_to`, the reply is
 //! `{"order_id", "status", "items", "last_sequence"}`.
 //!
-//! State lives in an in-memory map here; the ordering guarantee (events applied in
-//! `x-sequence` order across instances) and persistent stores come with cottontail's ordering
-//! and store modules.
+//! The queue is *ordered* (`cottontail::Ordering`): events of one order are applied in
+//! `x-sequence` order, once each, even with several instances, retries and redeliveries; and
+//! *deduplicated* by `message_id` when a dedup store is configured. The order book itself is
+//! pluggable ([`OrderBook`]): in memory for one instance, Redis for several (every instance
+//! must see the same book, since partitions move between instances).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cottontail::{HandlerError, Json, Queue, Sequence, State};
+use cottontail::{
+    BoxFuture, Dedup, HandlerError, Json, Ordering, Queue, Sequence, SequenceStore, State,
+};
 use serde::{Deserialize, Serialize};
 
 /// The queue name of the DESIGN.md contract.
@@ -60,20 +64,113 @@ pub struct Order {
     pub last_sequence: u64,
 }
 
-/// Shared order book.
-#[derive(Clone, Default)]
-pub struct Orders(Arc<Mutex<HashMap<String, Order>>>);
+/// Where orders live.
+pub trait OrderBook: Send + Sync + 'static {
+    /// The order, if it exists.
+    fn get(&self, id: &str) -> BoxFuture<Result<Option<Order>, HandlerError>>;
+    /// Saves the order.
+    fn put(&self, order: Order) -> BoxFuture<Result<(), HandlerError>>;
+}
 
-impl Orders {
-    /// A copy of one order.
-    pub fn get(&self, id: &str) -> Option<Order> {
-        self.0.lock().ok()?.get(id).cloned()
+/// The handler's state: the order book.
+#[derive(Clone)]
+pub struct Orders(Arc<dyn OrderBook>);
+
+impl Default for Orders {
+    fn default() -> Self {
+        Self::new(MemoryBook::default())
     }
 }
 
-/// The queue settings.
-pub fn queue() -> Queue {
-    Queue::new(QUEUE)
+impl Orders {
+    /// Orders kept in `book`.
+    pub fn new(book: impl OrderBook) -> Self {
+        Self(Arc::new(book))
+    }
+
+    /// A copy of one order.
+    pub async fn get(&self, id: &str) -> Result<Option<Order>, HandlerError> {
+        self.0.get(id).await
+    }
+}
+
+/// Orders in process memory (one instance).
+#[derive(Clone, Default)]
+pub struct MemoryBook(Arc<Mutex<HashMap<String, Order>>>);
+
+impl OrderBook for MemoryBook {
+    fn get(&self, id: &str) -> BoxFuture<Result<Option<Order>, HandlerError>> {
+        let found = self
+            .0
+            .lock()
+            .map(|m| m.get(id).cloned())
+            .map_err(|_| HandlerError::transient("state", "order book lock poisoned"));
+        Box::pin(async move { found })
+    }
+
+    fn put(&self, order: Order) -> BoxFuture<Result<(), HandlerError>> {
+        let saved = self
+            .0
+            .lock()
+            .map(|mut m| {
+                m.insert(order.order_id.clone(), order);
+            })
+            .map_err(|_| HandlerError::transient("state", "order book lock poisoned"));
+        Box::pin(async move { saved })
+    }
+}
+
+/// Orders in Redis (JSON at `<prefix>:order:<id>`), shared by every instance.
+#[derive(Clone)]
+pub struct RedisBook {
+    conn: cottontail::stores::redis::client::aio::ConnectionManager,
+    prefix: String,
+}
+
+impl RedisBook {
+    /// Uses the connection of a cottontail `RedisStore`.
+    pub fn new(store: &cottontail::stores::RedisStore) -> Self {
+        Self {
+            conn: store.connection(),
+            prefix: store.prefix().to_owned(),
+        }
+    }
+}
+
+impl OrderBook for RedisBook {
+    fn get(&self, id: &str) -> BoxFuture<Result<Option<Order>, HandlerError>> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}:order:{id}", self.prefix);
+        Box::pin(async move {
+            use cottontail::stores::redis::client::AsyncCommands;
+            let raw: Option<Vec<u8>> = conn.get(key).await?;
+            Ok(match raw {
+                Some(bytes) => Some(serde_json::from_slice(&bytes)?),
+                None => None,
+            })
+        })
+    }
+
+    fn put(&self, order: Order) -> BoxFuture<Result<(), HandlerError>> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}:order:{}", self.prefix, order.order_id);
+        Box::pin(async move {
+            use cottontail::stores::redis::client::AsyncCommands;
+            let bytes = serde_json::to_vec(&order)?;
+            let _: () = conn.set(key, bytes).await?;
+            Ok(())
+        })
+    }
+}
+
+/// The queue settings: ordered by `x-sequence-key`/`x-sequence` with sequence state in
+/// `sequences`, deduplicated by `message_id` when `dedup` is given.
+pub fn queue(sequences: Arc<dyn SequenceStore>, dedup: Option<Dedup>) -> Queue {
+    let queue = Queue::new(QUEUE).ordered(Ordering::shared(sequences));
+    match dedup {
+        Some(dedup) => queue.dedup(dedup),
+        None => queue,
+    }
 }
 
 /// Applies `event` to `order`, or explains why it cannot happen.
@@ -117,24 +214,19 @@ pub async fn handle(
             seq.key, event.order_id
         )));
     }
-    let mut book = orders
-        .0
-        .lock()
-        .map_err(|_| HandlerError::transient("state", "order book lock poisoned"))?;
-    let order = book.entry(event.order_id.clone()).or_insert_with(|| Order {
+    let mut order = orders.get(&event.order_id).await?.unwrap_or_else(|| Order {
         order_id: event.order_id.clone(),
         status: "new".into(),
         ..Order::default()
     });
     if seq.number <= order.last_sequence {
-        // Already applied: answer with the current state (idempotent).
-        return Ok(Json(order.clone()));
+        // Already applied (ordering makes this rare): answer with the current state.
+        return Ok(Json(order));
     }
-    let mut next = order.clone();
-    apply(&mut next, &event)?;
-    next.last_sequence = seq.number;
-    *order = next.clone();
-    Ok(Json(next))
+    apply(&mut order, &event)?;
+    order.last_sequence = seq.number;
+    orders.0.put(order.clone()).await?;
+    Ok(Json(order))
 }
 
 #[cfg(test)]

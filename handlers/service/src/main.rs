@@ -1,6 +1,15 @@
 //! `cottontail-demo`: one service running every example handler (DESIGN.md contract).
+//!
+//! Stores: `REDIS_URL` set → Redis for dedup, job statuses, sequence state and the order
+//! book; else `DATABASE_URL` set → PostgreSQL for dedup, job statuses and sequence state
+//! (the order book stays in memory); neither → in memory (one instance only).
 
-use cottontail::{App, Config};
+use std::sync::Arc;
+
+use cottontail::{
+    App, Config, Dedup, DedupStore, JobStore, MemoryJobs, MemorySequences, MemoryStore,
+    SequenceStore,
+};
 
 #[derive(Clone, Default)]
 struct DemoState {
@@ -23,25 +32,77 @@ async fn main() {
     }
 }
 
+/// The stores the environment selects.
+struct Stores {
+    dedup: Arc<dyn DedupStore>,
+    jobs: Arc<dyn JobStore>,
+    sequences: Arc<dyn SequenceStore>,
+    orders: cottontail_orders::Orders,
+    kind: &'static str,
+}
+
+async fn stores() -> Result<Stores, cottontail::Error> {
+    let store_error = |e: cottontail::dedup::StoreError| cottontail::Error::Config(e.to_string());
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        let redis = cottontail::stores::RedisStore::connect_default(&url)
+            .await
+            .map_err(store_error)?;
+        return Ok(Stores {
+            dedup: Arc::new(redis.clone()),
+            jobs: Arc::new(redis.clone()),
+            sequences: Arc::new(redis.clone()),
+            orders: cottontail_orders::Orders::new(cottontail_orders::RedisBook::new(&redis)),
+            kind: "redis",
+        });
+    }
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        let pg = cottontail::stores::PostgresStore::connect(&url)
+            .await
+            .map_err(store_error)?;
+        return Ok(Stores {
+            dedup: Arc::new(pg.clone()),
+            jobs: Arc::new(pg.clone()),
+            sequences: Arc::new(pg),
+            orders: cottontail_orders::Orders::default(),
+            kind: "postgres",
+        });
+    }
+    Ok(Stores {
+        dedup: Arc::new(MemoryStore::new(100_000)),
+        jobs: Arc::new(MemoryJobs::default()),
+        sequences: Arc::new(MemorySequences::new()),
+        orders: cottontail_orders::Orders::default(),
+        kind: "memory",
+    })
+}
+
 async fn run() -> Result<(), cottontail::Error> {
     let config = Config::from_env()?;
-    tracing::info!(url = %cottontail::redact(&config.amqp_url), http = ?config.http_addr, "starting");
+    let stores = stores().await?;
+    tracing::info!(url = %cottontail::redact(&config.amqp_url), http = ?config.http_addr, stores = stores.kind, "starting");
     let reports = std::env::var("REPORTS_SCHEDULE")
         .unwrap_or_else(|_| cottontail_reports::DEFAULT_SCHEDULE.to_owned());
-    App::new(DemoState::default())
-        .handler(
-            cottontail_thumbnails::queue(),
-            cottontail_thumbnails::handle,
-        )
-        .handler(cottontail_orders::queue(), cottontail_orders::handle)
-        .schedule(
-            cottontail_reports::schedule(&reports)?,
-            cottontail_reports::queue(),
-            cottontail_reports::handle,
-        )
-        .output(cottontail_reports::OUTPUT)
-        .run(config)
-        .await
+    App::new(DemoState {
+        orders: stores.orders,
+    })
+    .shared_job_store(stores.jobs)
+    .handler(
+        cottontail_thumbnails::queue(),
+        cottontail_thumbnails::handle,
+    )
+    .handler(
+        cottontail_orders::queue(stores.sequences, Some(Dedup::shared(stores.dedup.clone()))),
+        cottontail_orders::handle,
+    )
+    .schedule(
+        cottontail_reports::schedule(&reports)?,
+        // A shared dedup store makes a tick run once even across a leader change.
+        cottontail_reports::queue().dedup(Dedup::shared(stores.dedup)),
+        cottontail_reports::handle,
+    )
+    .output(cottontail_reports::OUTPUT)
+    .run(config)
+    .await
 }
 
 /// `RUST_LOG` filters (default `info`); `COTTONTAIL_LOG_FORMAT=json` switches to JSON lines.
