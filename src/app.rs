@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -378,7 +378,7 @@ impl Session {
         for (index, h) in sup.handlers.iter().enumerate() {
             let channel = connection.create_channel().await.map_err(Error::broker)?;
             channel
-                .basic_qos(h.queue.prefetch_count(), BasicQosOptions { global: false })
+                .basic_qos(entry_prefetch(&h.queue), BasicQosOptions { global: false })
                 .await
                 .map_err(Error::broker)?;
             let tag = format!("{}/{}", sup.connector.name(), h.queue.handler());
@@ -425,9 +425,7 @@ impl Session {
             if let Some(ordering) = &h.queue.ordering {
                 // The entry queue only routes to partitions; partitions are owned by
                 // `ordering::balance`.
-                worker.route = Some(Route {
-                    partitions: ordering.partitions,
-                });
+                worker.route = Some(Route::Partitions(ordering.partitions));
                 session.loops.push(tokio::spawn(ordering::balance(
                     h.queue.name().to_owned(),
                     ordering.clone(),
@@ -438,12 +436,57 @@ impl Session {
                     session.failed.clone(),
                 )));
             }
+            if let Some(bands) = &h.queue.bands {
+                worker.route = Some(Route::Bands(bands.clone()));
+                let mut sources = Vec::new();
+                for (n, (_, weight)) in bands.levels.iter().enumerate() {
+                    let channel = connection.create_channel().await.map_err(Error::broker)?;
+                    channel
+                        .basic_qos(h.queue.prefetch_count(), BasicQosOptions { global: false })
+                        .await
+                        .map_err(Error::broker)?;
+                    let consumer = channel
+                        .basic_consume(
+                            crate::queue::band_queue(h.queue.name(), n).as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(Error::broker)?;
+                    let band_acker = Acker::spawn(channel.clone());
+                    session.ackers.push(band_acker.clone());
+                    sources.push(Source {
+                        worker: Arc::new(make_worker(band_acker)),
+                        channel,
+                        consumer,
+                        weight: *weight,
+                        peeked: None,
+                    });
+                }
+                let bands_loop = ConsumeLoop {
+                    sources,
+                    sort_first: Some((connection.clone(), h.queue.name().to_owned())),
+                    stop: session.stop.clone(),
+                    failed: session.failed.clone(),
+                    abort: session.abort.clone(),
+                    tracker: session.tracker.clone(),
+                    health: sup.health.clone(),
+                    index,
+                };
+                session.loops.push(tokio::spawn(bands_loop.run()));
+            }
             let worker = Arc::new(worker);
             session.ackers.push(acker);
             let consume = ConsumeLoop {
-                worker,
-                channel,
-                consumer,
+                sources: vec![Source {
+                    worker,
+                    channel,
+                    consumer,
+                    weight: 1,
+                    peeked: None,
+                }],
+                sort_first: None,
                 stop: session.stop.clone(),
                 failed: session.failed.clone(),
                 abort: session.abort.clone(),
@@ -543,10 +586,33 @@ fn is_channel_error(error: &lapin::Error) -> bool {
     )
 }
 
-struct ConsumeLoop {
+/// Entry queues of ordered and banded handlers only route (one confirmed publish each):
+/// a deep window keeps routing far ahead of handling.
+const ROUTER_WINDOW: u16 = 256;
+
+fn entry_prefetch(queue: &Queue) -> u16 {
+    if queue.ordering.is_some() || queue.bands.is_some() {
+        queue.prefetch_count().max(ROUTER_WINDOW)
+    } else {
+        queue.prefetch_count()
+    }
+}
+
+/// One queue a consume loop takes deliveries from, with its worker (acking on that queue's
+/// channel) and, for priority bands, its weight.
+struct Source {
     worker: Arc<Worker>,
     channel: Channel,
     consumer: Consumer,
+    weight: u32,
+    peeked: Option<Next>,
+}
+
+struct ConsumeLoop {
+    sources: Vec<Source>,
+    /// Banded handlers: wait for the entry queue's backlog to be sorted into bands before
+    /// taking work, so a backlog's urgent messages are seen before its older routine ones.
+    sort_first: Option<(Arc<Connection>, String)>,
     stop: CancellationToken,
     failed: CancellationToken,
     abort: CancellationToken,
@@ -556,9 +622,23 @@ struct ConsumeLoop {
 }
 
 impl ConsumeLoop {
-    /// Pulls deliveries while a concurrency permit is free; each runs in its own task.
+    /// Pulls deliveries while a concurrency permit is free; each runs in its own task. With
+    /// several sources (priority bands, highest first) the highest band with a delivery ready
+    /// goes first, except that after `weight` picks in a row a lower band with work gets one,
+    /// so low priorities keep moving under a steady stream of urgent work.
     async fn run(mut self) {
-        let permits = Arc::new(Semaphore::new(self.worker.queue.effective_concurrency()));
+        let Some(first) = self.sources.first() else { return };
+        let handler = first.worker.queue.handler().to_owned();
+        let limit = if first.worker.route.is_some() {
+            usize::from(ROUTER_WINDOW)
+        } else {
+            first.worker.queue.effective_concurrency()
+        };
+        let permits = Arc::new(Semaphore::new(limit));
+        if let Some((connection, entry)) = self.sort_first.take() {
+            sort_backlog_first(&connection, &entry, &self.stop).await;
+        }
+        let mut streak = 0u32;
         loop {
             let permit = tokio::select! {
                 biased;
@@ -573,17 +653,15 @@ impl ConsumeLoop {
                 biased;
                 _ = self.stop.cancelled() => break,
                 _ = self.failed.cancelled() => break,
-                next = self.consumer.next() => next,
+                next = next_delivery(&mut self.sources, &mut streak) => next,
             };
             match next {
-                Some(Ok(delivery)) => {
+                (band, Some(Ok(delivery))) => {
+                    let worker = self.sources[band].worker.clone();
                     if self.stop.is_cancelled() {
-                        self.worker
-                            .acker
-                            .settle(delivery.delivery_tag, Settle::Requeue);
+                        worker.acker.settle(delivery.delivery_tag, Settle::Requeue);
                         break;
                     }
-                    let worker = self.worker.clone();
                     let abort = self.abort.clone();
                     self.tracker.spawn(async move {
                         tokio::select! {
@@ -593,13 +671,13 @@ impl ConsumeLoop {
                         drop(permit);
                     });
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(handler = %self.worker.queue.handler(), error = %crate::connection::redact(&error.to_string()), "consumer failed");
+                (_, Some(Err(error))) => {
+                    tracing::warn!(%handler, error = %crate::connection::redact(&error.to_string()), "consumer failed");
                     self.failed.cancel();
                     break;
                 }
-                None => {
-                    tracing::warn!(handler = %self.worker.queue.handler(), "consumer cancelled by the broker");
+                (_, None) => {
+                    tracing::warn!(%handler, "consumer cancelled by the broker");
                     self.failed.cancel();
                     break;
                 }
@@ -607,12 +685,81 @@ impl ConsumeLoop {
         }
         self.health.set_consuming(self.index, false);
         if self.stop.is_cancelled() && !self.failed.is_cancelled() {
-            let _ = self
-                .channel
-                .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-                .await;
+            for source in &self.sources {
+                let cancel = source
+                    .channel
+                    .basic_cancel(source.consumer.tag(), BasicCancelOptions::default());
+                let _ = bounded(CLEANUP, cancel).await;
+            }
         }
     }
+}
+
+/// How long a banded handler waits at most for its entry backlog to be sorted.
+const SORT_GRACE: Duration = Duration::from_secs(5);
+
+async fn sort_backlog_first(connection: &Connection, entry: &str, stop: &CancellationToken) {
+    let deadline = tokio::time::Instant::now() + SORT_GRACE;
+    while tokio::time::Instant::now() < deadline && !stop.is_cancelled() {
+        let Ok(channel) = connection.create_channel().await else { return };
+        let ready = channel
+            .queue_declare(
+                entry.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count());
+        let _ = bounded(CLEANUP, channel.close(200, "".into())).await;
+        match ready {
+            Ok(n) if n <= u32::from(ROUTER_WINDOW) / 4 => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => return,
+        }
+    }
+}
+
+type Next = Option<Result<lapin::message::Delivery, lapin::Error>>;
+
+/// The next delivery by band preference (see [`ConsumeLoop::run`]), waiting if none is ready.
+/// A delivery looked at but not chosen stays in its source's `peeked` slot for a later pick.
+async fn next_delivery(sources: &mut [Source], streak: &mut u32) -> (usize, Next) {
+    if sources.len() == 1 {
+        return (0, sources[0].consumer.next().await);
+    }
+    for source in sources.iter_mut() {
+        if source.peeked.is_none() {
+            source.peeked = source.consumer.next().now_or_never();
+        }
+    }
+    let mut ready = sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.peeked.is_some())
+        .map(|(band, _)| band);
+    let chosen = match (ready.next(), ready.next()) {
+        (Some(best), Some(lower)) if *streak >= sources[best].weight => {
+            *streak = 0;
+            Some(lower)
+        }
+        (Some(best), _) => {
+            *streak += 1;
+            Some(best)
+        }
+        (None, _) => None,
+    };
+    if let Some(band) = chosen {
+        if let Some(item) = sources[band].peeked.take() {
+            return (band, item);
+        }
+    }
+    let nexts = sources.iter_mut().map(|s| Box::pin(s.consumer.next()));
+    let (item, band, _) = futures::future::select_all(nexts).await;
+    *streak = 0;
+    (band, item)
 }
 
 async fn shutdown_signal() {

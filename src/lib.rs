@@ -104,7 +104,7 @@ pub use ordering::{
 };
 pub use outcome::{IntoOutcome, Outcome};
 pub use publisher::{PublishError, Publisher};
-pub use queue::{Queue, QueueType};
+pub use queue::{band_queue, Bands, Queue, QueueType};
 pub use retry::{tier_queue, RetryPolicy};
 pub use schedule::{Missed, Schedule, Tick};
 pub use topology::DEAD_LETTER_EXCHANGE;

@@ -58,9 +58,12 @@ impl Verdict {
     }
 }
 
-/// Routes ordered messages from the handler's entry queue to its partition queues.
-pub(crate) struct Route {
-    pub partitions: u16,
+/// Where an entry-queue worker moves messages instead of handling them.
+pub(crate) enum Route {
+    /// Ordered handlers: to the key's partition queue.
+    Partitions(u16),
+    /// Priority bands: to the band queue of the message's priority.
+    Bands(crate::queue::Bands),
 }
 
 /// Everything one handler needs to process deliveries within one connection session.
@@ -303,17 +306,21 @@ impl Worker {
 
     /// Moves an ordered message to its key's partition queue (confirmed before the ack).
     async fn route(&self, msg: &Message, route: &Route) -> Verdict {
-        let key = match crate::extract::Sequence::from_message(msg, &()) {
-            Ok(seq) => seq.key,
-            Err(error) => return self.dead_letter(msg, error, msg.attempt()).await,
+        let target = match route {
+            Route::Partitions(partitions) => {
+                let key = match crate::extract::Sequence::from_message(msg, &()) {
+                    Ok(seq) => seq.key,
+                    Err(error) => return self.dead_letter(msg, error, msg.attempt()).await,
+                };
+                let partition = crate::ordering::partition_of(&key, *partitions);
+                crate::ordering::partition_queue(msg.queue(), partition)
+            }
+            Route::Bands(bands) => {
+                let priority = msg.properties().priority().unwrap_or(0);
+                crate::queue::band_queue(msg.queue(), bands.band_of(priority))
+            }
         };
-        let partition = crate::ordering::partition_of(&key, route.partitions);
-        match dead_letter::forward(
-            msg,
-            &crate::ordering::partition_queue(msg.queue(), partition),
-        )
-        .await
-        {
+        match dead_letter::forward(msg, &target).await {
             Ok(()) => Verdict::Moved,
             Err(e) => self.publish_failed(e),
         }

@@ -44,6 +44,62 @@ pub struct Queue {
     pub(crate) dedup: Option<crate::dedup::Dedup>,
     pub(crate) singleton: bool,
     pub(crate) ordering: Option<crate::ordering::Ordering>,
+    pub(crate) bands: Option<Bands>,
+}
+
+/// Priority bands for quorum queues: one queue per band, consumed with weights.
+///
+/// `Bands::new(&[(7, 8), (0, 1)])`: priorities 7 and up go to the high band, the rest to the
+/// low band; while both have work, the high band gets 8 picks for each low pick.
+///
+/// ```
+/// use cottontail::{Bands, Queue};
+/// let q = Queue::new("uploads").bands(Bands::new(&[(7, 8), (3, 2), (0, 1)]));
+/// assert_eq!(Bands::new(&[(7, 8), (0, 1)]).band_of(9), 0);
+/// assert_eq!(Bands::new(&[(7, 8), (0, 1)]).band_of(2), 1);
+/// # let _ = q;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bands {
+    /// (lowest priority of the band, weight), highest band first.
+    pub(crate) levels: Vec<(u8, u32)>,
+}
+
+impl Bands {
+    /// Bands from `(lowest priority, weight)` pairs, in any order; a band starting at 0 is
+    /// added (weight 1) if missing, so every message has a band.
+    pub fn new(levels: &[(u8, u32)]) -> Self {
+        let mut levels: Vec<(u8, u32)> = levels.iter().map(|(p, w)| (*p, (*w).max(1))).collect();
+        levels.sort_by(|a, b| b.0.cmp(&a.0));
+        levels.dedup_by_key(|l| l.0);
+        if levels.last().map(|l| l.0) != Some(0) {
+            levels.push((0, 1));
+        }
+        Self { levels }
+    }
+
+    /// The band (0 = highest) of a message priority.
+    pub fn band_of(&self, priority: u8) -> usize {
+        self.levels
+            .iter()
+            .position(|(min, _)| priority >= *min)
+            .unwrap_or(self.levels.len() - 1)
+    }
+
+    /// How many bands.
+    pub fn len(&self) -> usize {
+        self.levels.len()
+    }
+
+    /// Never true: there is always a band starting at priority 0.
+    pub fn is_empty(&self) -> bool {
+        self.levels.is_empty()
+    }
+}
+
+/// The queue of band `n` (0 = highest) of `queue`.
+pub fn band_queue(queue: &str, n: usize) -> String {
+    format!("{queue}.band.{n}")
 }
 
 impl Queue {
@@ -66,6 +122,7 @@ impl Queue {
             dedup: None,
             singleton: false,
             ordering: None,
+            bands: None,
         }
     }
 
@@ -145,6 +202,15 @@ impl Queue {
     /// when it dies), and that instance runs one message at a time (concurrency and prefetch 1).
     pub fn singleton(mut self) -> Self {
         self.singleton = true;
+        self
+    }
+
+    /// Priority for quorum queues: producers publish to this queue with a `priority` as usual;
+    /// cottontail moves each message to its band's queue and consumes the bands by weight
+    /// (see [`Bands`]). Costs one extra confirmed publish per message; gains replicated,
+    /// durable priority work.
+    pub fn bands(mut self, bands: Bands) -> Self {
+        self.bands = Some(bands);
         self
     }
 
@@ -230,6 +296,13 @@ impl Queue {
             return Err(crate::Error::Config(format!(
                 "queue name '{}' must be 1-200 bytes and must not start with 'amq.'",
                 self.name
+            )));
+        }
+        if self.bands.is_some() && (self.priority.is_some() || self.singleton || self.ordering.is_some()) {
+            return Err(crate::Error::Config(format!(
+                "handler '{}': priority bands cannot be combined with .priority(..), \
+                 .singleton() or .ordered(..)",
+                self.handler()
             )));
         }
         if self.ordering.is_some() && (self.priority.is_some() || self.singleton) {

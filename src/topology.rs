@@ -66,6 +66,14 @@ pub(crate) async fn declare(connection: &Connection, queue: &Queue) -> Result<()
         let members = crate::ordering::members_queue(&queue.name);
         declare_queue(&channel, &members, quorum_args(queue.expires), queue).await?;
     }
+    if let Some(bands) = &queue.bands {
+        let mut band = queue.clone();
+        band.bands = None;
+        for n in 0..bands.len() {
+            let name = crate::queue::band_queue(&queue.name, n);
+            declare_queue(&channel, &name, work_args(&band), queue).await?;
+        }
+    }
     let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
