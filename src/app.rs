@@ -64,6 +64,7 @@ pub struct App<S> {
     jobs: Arc<dyn JobStore>,
     schedules: Vec<(Arc<Schedule>, String)>,
     outputs: Vec<String>,
+    instrumented: bool,
 }
 
 struct Registered {
@@ -82,7 +83,15 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             jobs: Arc::new(MemoryJobs::default()),
             schedules: Vec::new(),
             outputs: Vec::new(),
+            instrumented: true,
         }
+    }
+
+    /// Turns per-message spans and per-handler metrics off (on by default). Exists to
+    /// measure what they cost (see the benchmark); production services keep them on.
+    pub fn instrumented(mut self, on: bool) -> Self {
+        self.instrumented = on;
+        self
     }
 
     /// Runs `handler` on `queue` on every tick of `schedule`, fired by exactly one instance
@@ -215,6 +224,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             jobs: self.jobs.clone(),
             schedules: self.schedules,
             outputs: self.outputs,
+            instrumented: self.instrumented,
             recent,
             owner: format!("{}#{:08x}", config.connection_name, fastrand::u32(..)).into(),
         };
@@ -289,6 +299,7 @@ struct Supervisor {
     jobs: Arc<dyn JobStore>,
     schedules: Vec<(Arc<Schedule>, String)>,
     outputs: Vec<String>,
+    instrumented: bool,
     recent: RecentDeadLetters,
     owner: Arc<str>,
 }
@@ -399,7 +410,13 @@ impl Session {
                     queue: h.queue.name().to_owned(),
                     publisher: publisher.clone(),
                 });
-                let metrics = sup.metrics.handler(h.queue.handler(), h.queue.name());
+                // Uninstrumented: the handles count into a registry nobody exports.
+                let metrics = if sup.instrumented {
+                    sup.metrics.handler(h.queue.handler(), h.queue.name())
+                } else {
+                    Metrics::default().handler(h.queue.handler(), h.queue.name())
+                };
+                let instrumented = sup.instrumented;
                 let failed = session.failed.clone();
                 let owner = sup.owner.clone();
                 let recent = sup.recent.clone();
@@ -419,6 +436,7 @@ impl Session {
                     claims: Default::default(),
                     jobs: jobs.clone(),
                     route: None,
+                    instrumented,
                 }
             };
             let mut worker = make_worker(acker.clone());

@@ -446,7 +446,7 @@ impl Partition {
                 next = self.consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let msg = self.worker.message(delivery.data, delivery.properties, delivery.redelivered);
-                        let span = Worker::span(&msg);
+                        let span = self.worker.span_for(&msg);
                         self.offer(msg, delivery.delivery_tag).instrument(span).await;
                         self.metrics.held.set(self.reseq.len() as i64);
                     }

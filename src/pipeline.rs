@@ -84,6 +84,8 @@ pub(crate) struct Worker {
     pub recent: RecentDeadLetters,
     /// Set on an ordered handler's entry-queue worker: route instead of handling.
     pub route: Option<Route>,
+    /// Spans per message (off only to measure their cost).
+    pub instrumented: bool,
 }
 
 impl Worker {
@@ -91,9 +93,18 @@ impl Worker {
     pub(crate) async fn process(&self, delivery: Delivery) {
         let tag = delivery.delivery_tag;
         let msg = self.message(delivery.data, delivery.properties, delivery.redelivered);
-        let span = Self::span(&msg);
+        let span = self.span_for(&msg);
         let verdict = self.decide(msg).instrument(span).await;
         self.acker.settle(tag, verdict.settle());
+    }
+
+    /// The message's span, or none when instrumentation is off.
+    pub(crate) fn span_for(&self, msg: &Message) -> tracing::Span {
+        if self.instrumented {
+            Self::span(msg)
+        } else {
+            tracing::Span::none()
+        }
     }
 
     /// The span every message is handled in.
