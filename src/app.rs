@@ -454,6 +454,11 @@ impl Session {
                     session.failed.clone(),
                 )));
             }
+            let entry_permits = Arc::new(Semaphore::new(if worker.route.is_some() || h.queue.bands.is_some() {
+                usize::from(ROUTER_WINDOW)
+            } else {
+                h.queue.effective_concurrency()
+            }));
             if let Some(bands) = &h.queue.bands {
                 worker.route = Some(Route::Bands(bands.clone()));
                 let mut sources = Vec::new();
@@ -484,7 +489,12 @@ impl Session {
                 }
                 let bands_loop = ConsumeLoop {
                     sources,
-                    sort_first: Some((connection.clone(), h.queue.name().to_owned())),
+                    sort_first: Some((
+                        connection.clone(),
+                        h.queue.name().to_owned(),
+                        entry_permits.clone(),
+                    )),
+                    permits: Arc::new(Semaphore::new(h.queue.effective_concurrency())),
                     stop: session.stop.clone(),
                     failed: session.failed.clone(),
                     abort: session.abort.clone(),
@@ -505,6 +515,7 @@ impl Session {
                     peeked: None,
                 }],
                 sort_first: None,
+                permits: entry_permits,
                 stop: session.stop.clone(),
                 failed: session.failed.clone(),
                 abort: session.abort.clone(),
@@ -629,8 +640,11 @@ struct Source {
 struct ConsumeLoop {
     sources: Vec<Source>,
     /// Banded handlers: wait for the entry queue's backlog to be sorted into bands before
-    /// taking work, so a backlog's urgent messages are seen before its older routine ones.
-    sort_first: Option<(Arc<Connection>, String)>,
+    /// taking work, so a backlog's urgent messages are seen before its older routine ones
+    /// (the entry queue, and the router's permits: all free = nothing being routed).
+    sort_first: Option<(Arc<Connection>, String, Arc<Semaphore>)>,
+    /// The concurrency permits (shared with a band loop that watches the router).
+    permits: Arc<Semaphore>,
     stop: CancellationToken,
     failed: CancellationToken,
     abort: CancellationToken,
@@ -647,14 +661,9 @@ impl ConsumeLoop {
     async fn run(mut self) {
         let Some(first) = self.sources.first() else { return };
         let handler = first.worker.queue.handler().to_owned();
-        let limit = if first.worker.route.is_some() {
-            usize::from(ROUTER_WINDOW)
-        } else {
-            first.worker.queue.effective_concurrency()
-        };
-        let permits = Arc::new(Semaphore::new(limit));
-        if let Some((connection, entry)) = self.sort_first.take() {
-            sort_backlog_first(&connection, &entry, &self.stop).await;
+        let permits = self.permits.clone();
+        if let Some((connection, entry, router)) = self.sort_first.take() {
+            sort_backlog_first(&connection, &entry, &router, &self.stop).await;
         }
         let mut streak = 0u32;
         loop {
@@ -716,7 +725,12 @@ impl ConsumeLoop {
 /// How long a banded handler waits at most for its entry backlog to be sorted.
 const SORT_GRACE: Duration = Duration::from_secs(5);
 
-async fn sort_backlog_first(connection: &Connection, entry: &str, stop: &CancellationToken) {
+async fn sort_backlog_first(
+    connection: &Connection,
+    entry: &str,
+    router: &Semaphore,
+    stop: &CancellationToken,
+) {
     let deadline = tokio::time::Instant::now() + SORT_GRACE;
     while tokio::time::Instant::now() < deadline && !stop.is_cancelled() {
         let Ok(channel) = connection.create_channel().await else { return };
@@ -732,9 +746,11 @@ async fn sort_backlog_first(connection: &Connection, entry: &str, stop: &Cancell
             .await
             .map(|q| q.message_count());
         let _ = bounded(CLEANUP, channel.close(200, "".into())).await;
+        // The router holds one permit while it waits for its next delivery.
+        let routing = usize::from(ROUTER_WINDOW) - router.available_permits();
         match ready {
-            Ok(n) if n <= u32::from(ROUTER_WINDOW) / 4 => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(0) if routing <= 1 => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             Err(_) => return,
         }
     }
