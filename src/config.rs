@@ -9,7 +9,7 @@ use crate::Error;
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Where to connect, where to serve HTTP, how long to drain.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Config {
     /// One AMQP URL or several comma-separated (cluster failover).
     pub amqp_url: String,
@@ -111,6 +111,19 @@ impl Config {
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = name.into();
         self
+    }
+}
+
+impl std::fmt::Debug for Config {
+    // By hand: the URLs hold passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("amqp_url", &crate::redact(&self.amqp_url))
+            .field("http_addr", &self.http_addr)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("connection_name", &self.connection_name)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
     }
 }
 

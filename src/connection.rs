@@ -9,12 +9,24 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::{Connection, ConnectionProperties};
 
 /// Broker addresses and the connection name.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Connector {
     urls: Arc<Vec<String>>,
     name: String,
     next: Arc<AtomicUsize>,
     tls_ca_pem: Option<Arc<String>>,
+}
+
+impl std::fmt::Debug for Connector {
+    // By hand: the URLs hold passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact(u)).collect();
+        f.debug_struct("Connector")
+            .field("urls", &urls)
+            .field("name", &self.name)
+            .field("tls_ca", &self.tls_ca_pem.is_some())
+            .finish()
+    }
 }
 
 impl Connector {
@@ -136,13 +148,19 @@ pub fn redact(text: &str) -> String {
     while let Some(pos) = rest.find("://") {
         let (head, tail) = rest.split_at(pos + 3);
         out.push_str(head);
-        let end = tail
-            .find(|c: char| c.is_whitespace() || c == '/' || c == '"' || c == '\'' || c == ',')
-            .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
+        // The URL runs to the next whitespace or the next URL of a list (`…,amqps://…`).
+        // Quotes, commas and slashes may be part of an unencoded password, so the userinfo
+        // ends at the URL's *last* `@` (over-redacting a path or query that holds an `@`).
+        let mut end = tail.find(char::is_whitespace).unwrap_or(tail.len());
+        if let Some(next) = tail[..end].find("://") {
+            end = tail[..next]
+                .trim_end_matches(|c: char| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                .len();
+        }
+        let url = &tail[..end];
+        match url.rfind('@') {
             Some(at) => {
-                let userinfo = &authority[..at];
+                let userinfo = &url[..at];
                 match userinfo.find(':') {
                     Some(colon) => {
                         out.push_str(&userinfo[..colon]);
@@ -150,9 +168,9 @@ pub fn redact(text: &str) -> String {
                     }
                     None => out.push_str(userinfo),
                 }
-                out.push_str(&authority[at..]);
+                out.push_str(&url[at..]);
             }
-            None => out.push_str(authority),
+            None => out.push_str(url),
         }
         rest = &tail[end..];
     }

@@ -24,7 +24,7 @@ pub(crate) async fn dead_letter(
     headers::set_string(&mut table, headers::ERROR_KIND, error.kind());
     headers::set_int(&mut table, headers::ATTEMPTS, u64::from(attempts));
     headers::set_string(&mut table, headers::HANDLER, msg.handler());
-    let properties = copy_properties(msg.properties()).with_headers(table);
+    let properties = republish_properties(msg.properties()).with_headers(table);
     msg.publisher()
         .publish(
             DEAD_LETTER_EXCHANGE,
@@ -51,7 +51,7 @@ pub(crate) async fn schedule_retry(
     headers::set_int(&mut table, headers::ATTEMPTS, u64::from(msg.attempt()));
     headers::set_string(&mut table, headers::LAST_ERROR, error.to_string());
     let ttl = policy.jittered(delay).as_millis().max(1);
-    let properties = copy_properties(msg.properties())
+    let properties = republish_properties(msg.properties())
         .with_headers(table)
         .with_expiration(ttl.to_string().into());
     msg.publisher()
@@ -79,7 +79,7 @@ pub(crate) async fn park(
     if let Some(since) = held_since_ms {
         headers::set_int(&mut table, headers::HELD_SINCE, since);
     }
-    let properties = copy_properties(msg.properties()).with_headers(table);
+    let properties = republish_properties(msg.properties()).with_headers(table);
     msg.publisher()
         .publish(
             "",
@@ -97,7 +97,7 @@ pub(crate) async fn forward(msg: &Message, queue: &str) -> Result<(), PublishErr
         msg.headers(),
         &[headers::DELIVERY_COUNT, headers::REDELIVERIES],
     );
-    let properties = copy_properties(msg.properties()).with_headers(table);
+    let properties = republish_properties(msg.properties()).with_headers(table);
     msg.publisher()
         .publish("", queue, msg.body(), properties, true)
         .await
@@ -108,15 +108,16 @@ pub(crate) async fn forward(msg: &Message, queue: &str) -> Result<(), PublishErr
 pub(crate) async fn requeue_counted(msg: &Message, redeliveries: u64) -> Result<(), PublishError> {
     let mut table = headers::without(msg.headers(), &[]);
     headers::set_int(&mut table, headers::REDELIVERIES, redeliveries);
-    let properties = copy_properties(msg.properties()).with_headers(table);
+    let properties = republish_properties(msg.properties()).with_headers(table);
     msg.publisher()
         .publish("", msg.queue(), msg.body(), properties, true)
         .await
 }
 
 /// The original properties minus `expiration` (a TTL must not follow a copy around) and
-/// `user_id` (the broker rejects a user id that is not the publishing connection's).
-fn copy_properties(original: &BasicProperties) -> BasicProperties {
+/// `user_id` (the broker rejects a user id that is not the publishing connection's), for
+/// republishing a message (retry, dead-letter, replay); persistent. Headers are the caller's.
+pub fn republish_properties(original: &BasicProperties) -> BasicProperties {
     let mut properties = BasicProperties::default().with_delivery_mode(2);
     if let Some(v) = original.content_type() {
         properties = properties.with_content_type(v.clone());
@@ -144,6 +145,9 @@ fn copy_properties(original: &BasicProperties) -> BasicProperties {
     }
     if let Some(v) = original.app_id() {
         properties = properties.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        properties = properties.with_cluster_id(v.clone());
     }
     properties
 }

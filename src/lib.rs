@@ -87,6 +87,7 @@ pub use app::{App, Running};
 pub use client::{Call, Client, ClientBuilder, PublishOptions, RequestOptions, RpcError};
 pub use config::{Config, DEFAULT_AMQP_URL};
 pub use connection::{redact, Connector};
+pub use dead_letter::republish_properties;
 pub use dedup::{Dedup, DedupStore, MemoryStore};
 pub use error::{Disposition, Error, HandlerError};
 pub use extract::{

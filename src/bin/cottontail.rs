@@ -477,43 +477,10 @@ async fn dlq_replay(url: &str, queue: &str, limit: Option<u32>) -> Result<(), St
     result
 }
 
-/// The original properties and headers, minus the dead-letter bookkeeping, `user_id` (the
-/// broker rejects one that is not the publishing user's) and `expiration` (the message would
-/// expire anew).
+/// The original properties and headers, minus the dead-letter bookkeeping (which resets the
+/// attempt counter), `user_id` and `expiration` (see `republish_properties`).
 fn replay_properties(original: &BasicProperties) -> BasicProperties {
-    let mut properties =
-        BasicProperties::default().with_delivery_mode(original.delivery_mode().unwrap_or(2));
-    if let Some(v) = original.content_type() {
-        properties = properties.with_content_type(v.clone());
-    }
-    if let Some(v) = original.content_encoding() {
-        properties = properties.with_content_encoding(v.clone());
-    }
-    if let Some(v) = original.priority() {
-        properties = properties.with_priority(*v);
-    }
-    if let Some(v) = original.correlation_id() {
-        properties = properties.with_correlation_id(v.clone());
-    }
-    if let Some(v) = original.reply_to() {
-        properties = properties.with_reply_to(v.clone());
-    }
-    if let Some(v) = original.message_id() {
-        properties = properties.with_message_id(v.clone());
-    }
-    if let Some(v) = original.timestamp() {
-        properties = properties.with_timestamp(*v);
-    }
-    if let Some(v) = original.kind() {
-        properties = properties.with_type(v.clone());
-    }
-    if let Some(v) = original.app_id() {
-        properties = properties.with_app_id(v.clone());
-    }
-    if let Some(v) = original.cluster_id() {
-        properties = properties.with_cluster_id(v.clone());
-    }
-    properties.with_headers(headers::without(
+    cottontail::republish_properties(original).with_headers(headers::without(
         original.headers().as_ref(),
         STRIPPED_ON_REPLAY,
     ))
