@@ -454,11 +454,13 @@ impl Session {
                     session.failed.clone(),
                 )));
             }
-            let entry_permits = Arc::new(Semaphore::new(if worker.route.is_some() || h.queue.bands.is_some() {
-                usize::from(ROUTER_WINDOW)
-            } else {
-                h.queue.effective_concurrency()
-            }));
+            let entry_permits = Arc::new(Semaphore::new(
+                if worker.route.is_some() || h.queue.bands.is_some() {
+                    usize::from(ROUTER_WINDOW)
+                } else {
+                    h.queue.effective_concurrency()
+                },
+            ));
             if let Some(bands) = &h.queue.bands {
                 worker.route = Some(Route::Bands(bands.clone()));
                 let mut sources = Vec::new();
@@ -659,7 +661,9 @@ impl ConsumeLoop {
     /// goes first, except that after `weight` picks in a row a lower band with work gets one,
     /// so low priorities keep moving under a steady stream of urgent work.
     async fn run(mut self) {
-        let Some(first) = self.sources.first() else { return };
+        let Some(first) = self.sources.first() else {
+            return;
+        };
         let handler = first.worker.queue.handler().to_owned();
         let permits = self.permits.clone();
         if let Some((connection, entry, router)) = self.sort_first.take() {
@@ -733,7 +737,9 @@ async fn sort_backlog_first(
 ) {
     let deadline = tokio::time::Instant::now() + SORT_GRACE;
     while tokio::time::Instant::now() < deadline && !stop.is_cancelled() {
-        let Ok(channel) = connection.create_channel().await else { return };
+        let Ok(channel) = connection.create_channel().await else {
+            return;
+        };
         let ready = channel
             .queue_declare(
                 entry.into(),

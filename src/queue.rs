@@ -298,7 +298,9 @@ impl Queue {
                 self.name
             )));
         }
-        if self.bands.is_some() && (self.priority.is_some() || self.singleton || self.ordering.is_some()) {
+        if self.bands.is_some()
+            && (self.priority.is_some() || self.singleton || self.ordering.is_some())
+        {
             return Err(crate::Error::Config(format!(
                 "handler '{}': priority bands cannot be combined with .priority(..), \
                  .singleton() or .ordered(..)",

@@ -8,11 +8,17 @@ use cottontail::{Bands, Queue};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_urgent_messages_overtake_a_backlog_of_five_hundred_through_bands() {
     let name = unique("bands");
-    let queue = Queue::new(&name).expires(EXPIRES).bands(Bands::new(&[(5, 8), (0, 1)])).concurrency(4);
+    let queue = Queue::new(&name)
+        .expires(EXPIRES)
+        .bands(Bands::new(&[(5, 8), (0, 1)]))
+        .concurrency(4);
     let done = priority::urgent_overtakes_backlog(&queue).await;
     let last_urgent = done.iter().rposition(|p| *p == 9).unwrap();
     // Weighted, not starved: low-priority work kept moving while urgent work was waiting.
-    assert!(done[..last_urgent].contains(&0), "the low band never got a turn");
+    assert!(
+        done[..last_urgent].contains(&0),
+        "the low band never got a turn"
+    );
     let mut names = handler_queues(&queue, &cottontail::RetryPolicy::default());
     names.extend((0..2).map(|n| cottontail::band_queue(&name, n)));
     delete_queues(&names).await;

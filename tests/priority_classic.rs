@@ -7,7 +7,10 @@ use cottontail::Queue;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_urgent_messages_overtake_a_backlog_of_five_hundred() {
-    let queue = Queue::new(unique("prio")).expires(EXPIRES).priority(9).concurrency(4);
+    let queue = Queue::new(unique("prio"))
+        .expires(EXPIRES)
+        .priority(9)
+        .concurrency(4);
     // The defaults for priority handlers: prefetch = concurrency.
     assert_eq!(queue.prefetch_count(), 4);
     priority::urgent_overtakes_backlog(&queue).await;
