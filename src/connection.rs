@@ -178,6 +178,15 @@ pub fn redact(text: &str) -> String {
     out
 }
 
+/// Awaits `f` for at most `limit`: for cleanup on a connection that may already be dead,
+/// where a close handshake can wait forever for an answer that never comes.
+pub(crate) async fn bounded<F: std::future::Future>(limit: Duration, f: F) -> Option<F::Output> {
+    tokio::time::timeout(limit, f).await.ok()
+}
+
+/// The limit for one cleanup step (close, cancel, flush) on a possibly dead connection.
+pub(crate) const CLEANUP: Duration = Duration::from_secs(5);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,12 +213,3 @@ mod tests {
         assert!(Connector::new("amqp://a/%2f, amqp://b/%2f", "t").is_ok());
     }
 }
-
-/// Awaits `f` for at most `limit`: for cleanup on a connection that may already be dead,
-/// where a close handshake can wait forever for an answer that never comes.
-pub(crate) async fn bounded<F: std::future::Future>(limit: Duration, f: F) -> Option<F::Output> {
-    tokio::time::timeout(limit, f).await.ok()
-}
-
-/// The limit for one cleanup step (close, cancel, flush) on a possibly dead connection.
-pub(crate) const CLEANUP: Duration = Duration::from_secs(5);

@@ -70,7 +70,7 @@ impl Bands {
     /// added (weight 1) if missing, so every message has a band.
     pub fn new(levels: &[(u8, u32)]) -> Self {
         let mut levels: Vec<(u8, u32)> = levels.iter().map(|(p, w)| (*p, (*w).max(1))).collect();
-        levels.sort_by(|a, b| b.0.cmp(&a.0));
+        levels.sort_by_key(|l| std::cmp::Reverse(l.0));
         levels.dedup_by_key(|l| l.0);
         if levels.last().map(|l| l.0) != Some(0) {
             levels.push((0, 1));

@@ -914,6 +914,13 @@ pub async fn chaos_worker_main() {
     let url = std::env::var(CHAOS_URL).unwrap_or_else(|_| amqp_url());
     let name = std::env::var(CHAOS_NAME).unwrap_or_else(|_| unique("chaos-worker"));
     let mode = std::env::var(CHAOS_MODE).unwrap_or_else(|_| "steady".into());
+    // `COTTONTAIL_CHAOS_LOG=info` (an EnvFilter) shows the workers' logs on stderr.
+    if let Ok(filter) = std::env::var("COTTONTAIL_CHAOS_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     if mode == "flaky" {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
@@ -1078,11 +1085,78 @@ impl Chaos {
         .await;
     }
 
-    /// Recovery time: from `fault` until the ledger grew past `from + by` lines.
+    /// Recovery time: from `fault` until the ledger grew past `from + by` lines. On a
+    /// timeout, prints the broker's view of the queue before failing.
     pub async fn recovery(&self, fault: Instant, from: usize, by: usize, limit: Duration) -> u128 {
-        self.wait_handled(from + by, limit, "processing to resume")
-            .await;
+        let deadline = Instant::now() + limit;
+        while self.ledger.len() < from + by {
+            if Instant::now() >= deadline {
+                eprintln!("{}", self.diagnose());
+                panic!(
+                    "chaos {}: processing did not resume within {limit:?} ({} of {} lines)",
+                    self.scenario,
+                    self.ledger.len(),
+                    from + by
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         fault.elapsed().as_millis()
+    }
+
+    /// The broker's view (queue depths, consumers) for a failure message.
+    pub fn diagnose(&self) -> String {
+        let port = self
+            .urls
+            .split(',')
+            .next()
+            .and_then(|u| u.rsplit(':').next())
+            .and_then(|p| p.split('/').next())
+            .unwrap_or("5672")
+            .to_owned();
+        let mut out = format!(
+            "chaos {} diagnostics (ledger {} lines):\n",
+            self.scenario,
+            self.ledger.len()
+        );
+        let nodes_dir = std::path::Path::new("/tmp/cottontail-nodes");
+        let node = std::fs::read_dir(nodes_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| {
+                std::fs::read_to_string(e.path().join("rabbitmq.conf"))
+                    .is_ok_and(|c| c.contains(&format!("127.0.0.1:{port}\n")))
+            })
+            .map(|e| format!("{}@localhost", e.file_name().to_string_lossy()));
+        let ctl = |args: &[&str]| match &node {
+            Some(n) => rabbitmqctl_on(n, args).1,
+            None => {
+                let o = Command::new("timeout")
+                    .arg("60")
+                    .arg("rabbitmqctl")
+                    .args(args)
+                    .output();
+                o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            }
+        };
+        let queues = ctl(&[
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+            "-q",
+        ]);
+        for line in queues.lines().filter(|l| l.contains(&self.queue)) {
+            out.push_str(&format!("  queue: {line}\n"));
+        }
+        let consumers = ctl(&["list_consumers", "-q"]);
+        for line in consumers.lines().filter(|l| l.contains(&self.queue)) {
+            out.push_str(&format!("  consumer: {line}\n"));
+        }
+        out
     }
 
     /// Waits until every confirmed id is handled or dead-lettered and the work queue is
@@ -1337,13 +1411,30 @@ impl ChaosTally {
 pub struct ChaosPublisher {
     pub published: Arc<Mutex<Vec<String>>>,
     pub failures: Arc<AtomicU64>,
+    /// How many of the ids may be sent so far (see [`ChaosPublisher::release`]).
+    pub limit: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ChaosPublisher {
     pub fn spawn(urls: &str, queue: &str, ids: Vec<String>, batch: usize, pace: Duration) -> Self {
+        Self::spawn_gated(urls, queue, ids, batch, pace, usize::MAX)
+    }
+
+    /// Like [`ChaosPublisher::spawn`], sending only the first `limit` ids until
+    /// [`ChaosPublisher::release`] allows more: a fault scenario releases the next phase after
+    /// each fault, so there is always work left to show that processing resumed.
+    pub fn spawn_gated(
+        urls: &str,
+        queue: &str,
+        ids: Vec<String>,
+        batch: usize,
+        pace: Duration,
+        limit: usize,
+    ) -> Self {
         let published = Arc::new(Mutex::new(Vec::with_capacity(ids.len())));
         let failures = Arc::new(AtomicU64::new(0));
+        let limit = Arc::new(std::sync::atomic::AtomicUsize::new(limit));
         let connector = cottontail::Connector::new(urls, unique("chaos-publisher")).unwrap();
         let task = tokio::spawn(publish_loop(
             connector,
@@ -1351,14 +1442,19 @@ impl ChaosPublisher {
             ids,
             batch.max(1),
             pace,
-            published.clone(),
-            failures.clone(),
+            (published.clone(), failures.clone(), limit.clone()),
         ));
         Self {
             published,
             failures,
+            limit,
             task,
         }
+    }
+
+    /// Allows the first `n` ids to be sent.
+    pub fn release(&self, n: usize) {
+        self.limit.fetch_max(n, Ordering::Relaxed);
     }
 
     pub fn count(&self) -> usize {
@@ -1396,19 +1492,33 @@ impl Drop for ChaosPublisher {
     }
 }
 
+/// Confirmed ids, failed publishes, ids allowed so far.
+type PublisherCounters = (
+    Arc<Mutex<Vec<String>>>,
+    Arc<AtomicU64>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
+
 async fn publish_loop(
     connector: cottontail::Connector,
     queue: String,
     ids: Vec<String>,
     batch: usize,
     pace: Duration,
-    published: Arc<Mutex<Vec<String>>>,
-    failures: Arc<AtomicU64>,
+    (published, failures, limit): PublisherCounters,
 ) {
     use cottontail::lapin::Confirmation;
-    let mut pending: std::collections::VecDeque<String> = ids.into();
+    let total = ids.len();
+    let mut fresh = ids.into_iter();
+    let mut taken = 0usize;
+    // Ids whose publish failed, sent again before any new one.
+    let mut pending: std::collections::VecDeque<String> = Default::default();
     let mut session: Option<(Connection, Channel)> = None;
-    while !pending.is_empty() {
+    while taken < total || !pending.is_empty() {
+        if pending.is_empty() && taken >= limit.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
         if session.is_none() {
             let attempt = async {
                 let conn = connector.connect_once().await.ok()?;
@@ -1428,8 +1538,12 @@ async fn publish_loop(
             }
         }
         let (_, ch) = session.as_ref().unwrap();
-        let take = batch.min(pending.len());
-        let chunk: Vec<String> = pending.drain(..take).collect();
+        let mut chunk: Vec<String> = pending.drain(..batch.min(pending.len())).collect();
+        let allowed = limit.load(Ordering::Relaxed).min(total);
+        while chunk.len() < batch && taken < allowed {
+            chunk.extend(fresh.next());
+            taken += 1;
+        }
         let mut sent = Vec::with_capacity(chunk.len());
         let mut broken = false;
         for id in chunk {
