@@ -144,10 +144,16 @@ impl Worker {
 
     /// Claim, run, reply/retry/dead-letter: everything after the guards.
     pub(crate) async fn handle(&self, msg: Message) -> Verdict {
-        let token = self
-            .claims
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let owner = format!("{}/{token}", self.owner);
+        // A claim owner token only when there is something to claim (no allocation otherwise).
+        let owner = match (&self.queue.dedup, msg.message_id()) {
+            (Some(_), Some(_)) => {
+                let token = self
+                    .claims
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("{}/{token}", self.owner)
+            }
+            _ => String::new(),
+        };
         let claimed = match self.claim(&msg, &owner).await {
             Ok(claimed) => claimed,
             Err(verdict) => return verdict,
@@ -289,7 +295,8 @@ impl Worker {
                 format!(
                     "delivered {} times without a verdict (the worker crashed, was killed or \
                      lost its connection while handling it); delivery limit is {limit}",
-                    redeliveries + 1
+                    // The count comes from a header: any value, u64::MAX included.
+                    redeliveries.saturating_add(1)
                 ),
             );
             return Some(self.dead_letter(msg, error, msg.attempt()).await);
