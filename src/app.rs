@@ -356,6 +356,9 @@ impl Supervisor {
 
 /// Everything that lives as long as one connection.
 struct Session {
+    /// Held until the connection is closed: dropping the last handle makes lapin close the
+    /// channel on its own, which races our connection close and can leave it unresolved.
+    _publisher: Publisher,
     failed: CancellationToken,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -379,6 +382,7 @@ impl Session {
             .map_err(Error::broker)?
             .with_confirm_histogram(sup.metrics.confirm_histogram());
         let mut session = Session {
+            _publisher: publisher.clone(),
             failed,
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),

@@ -263,32 +263,55 @@ pub(crate) async fn balance(
     failed: CancellationToken,
 ) {
     let members = members_queue(&queue);
-    let member_channel = match join_members(&connection, &members).await {
-        Ok(ch) => ch,
+    // Keep the consumer: dropping a lapin consumer cancels it, and it is what counts us.
+    let (member_channel, _member) = match join_members(&connection, &members).await {
+        Ok(joined) => joined,
         Err(error) => {
             tracing::warn!(%error, queue, "cannot join the members queue");
             failed.cancel();
             return;
         }
     };
-    let mut owned: HashMap<u16, (CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut owned: HashMap<u16, Owned> = HashMap::new();
     let offset = fastrand::u16(..ordering.partitions);
     loop {
-        owned.retain(|_, (_, handle)| !handle.is_finished());
+        owned.retain(|_, o| !o.handle.is_finished());
         let live = count_consumers(&connection, &members)
             .await
             .unwrap_or(1)
             .max(1);
         let fair = usize::from(ordering.partitions).div_ceil(live as usize);
-        if owned.len() > fair {
-            // Someone joined: hand partitions over (finish in-flight, return held, cancel).
-            let extra: Vec<u16> = owned.keys().copied().take(owned.len() - fair).collect();
-            for p in extra {
-                if let Some((release, handle)) = owned.remove(&p) {
-                    release.cancel();
-                    let _ = bounded(CLEANUP * 2, handle).await;
-                    tracing::info!(queue, partition = p, "released partition");
-                }
+        // Standby: we subscribed at the same moment as another instance and the broker made
+        // the other one active. Step back so the partition counts once.
+        let mut standby = Vec::new();
+        for (p, o) in &owned {
+            if !o.active.load(std::sync::atomic::Ordering::Relaxed)
+                && o.since.elapsed() >= ordering.rebalance
+                && count_consumers(&connection, &partition_queue(&queue, *p)).await != Ok(1)
+            {
+                standby.push(*p);
+            }
+        }
+        // Too many (someone joined): hand partitions over (finish in-flight, return held,
+        // cancel).
+        let extra = owned
+            .len()
+            .saturating_sub(standby.len())
+            .saturating_sub(fair);
+        let mut release: Vec<u16> = standby;
+        release.extend(
+            owned
+                .keys()
+                .copied()
+                .filter(|p| !release.contains(p))
+                .take(extra)
+                .collect::<Vec<_>>(),
+        );
+        for p in release {
+            if let Some(o) = owned.remove(&p) {
+                o.release.cancel();
+                let _ = bounded(CLEANUP * 2, o.handle).await;
+                tracing::info!(queue, partition = p, "released partition");
             }
         }
         if owned.len() < fair {
@@ -307,6 +330,7 @@ pub(crate) async fn balance(
                 match own(&connection, &name, &ordering).await {
                     Ok((channel, consumer)) => {
                         let release = CancellationToken::new();
+                        let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
                         let acker = Acker::spawn(channel.clone());
                         let partition = Partition {
                             worker: make_worker(acker.clone()),
@@ -318,17 +342,27 @@ pub(crate) async fn balance(
                             next: HashMap::new(),
                             metrics: metrics.clone(),
                             gap_alerted: HashSet::new(),
+                            active: active.clone(),
                         };
                         let handle = tokio::spawn(partition.run(
                             release.clone(),
                             stop.clone(),
                             failed.clone(),
                         ));
-                        owned.insert(p, (release, handle));
-                        tracing::info!(queue, partition = p, "owns partition");
+                        let since = std::time::Instant::now();
+                        owned.insert(
+                            p,
+                            Owned {
+                                release,
+                                handle,
+                                active,
+                                since,
+                            },
+                        );
+                        tracing::info!(queue, partition = p, "consumes partition");
                     }
                     Err(error) => {
-                        tracing::debug!(%error, partition = p, "partition taken by another instance");
+                        tracing::debug!(%error, partition = p, "cannot consume partition");
                     }
                 }
             }
@@ -340,17 +374,29 @@ pub(crate) async fn balance(
             _ = failed.cancelled() => break,
         }
     }
-    for (_, (release, handle)) in owned {
-        release.cancel();
-        let _ = bounded(CLEANUP * 2, handle).await;
+    for (_, o) in owned {
+        o.release.cancel();
+        let _ = bounded(CLEANUP * 2, o.handle).await;
     }
     metrics.partitions.set(0);
     let _ = bounded(CLEANUP, member_channel.close(200, "bye".into())).await;
 }
 
-async fn join_members(connection: &Connection, members: &str) -> Result<Channel, lapin::Error> {
+/// A partition this instance consumes.
+struct Owned {
+    release: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    /// Set on the first delivery: the broker made us the partition's active consumer.
+    active: Arc<std::sync::atomic::AtomicBool>,
+    since: std::time::Instant,
+}
+
+async fn join_members(
+    connection: &Connection,
+    members: &str,
+) -> Result<(Channel, lapin::Consumer), lapin::Error> {
     let channel = connection.create_channel().await?;
-    channel
+    let consumer = channel
         .basic_consume(
             members.into(),
             "".into(),
@@ -358,7 +404,7 @@ async fn join_members(connection: &Connection, members: &str) -> Result<Channel,
             FieldTable::default(),
         )
         .await?;
-    Ok(channel)
+    Ok((channel, consumer))
 }
 
 async fn count_consumers(connection: &Connection, queue: &str) -> Result<u32, ()> {
@@ -398,10 +444,9 @@ async fn own(
         .basic_consume(
             queue.into(),
             "".into(),
-            BasicConsumeOptions {
-                exclusive: true,
-                ..Default::default()
-            },
+            // Partition queues are single-active-consumer: the broker lets one consumer
+            // have deliveries at a time, on quorum queues too (which ignore `exclusive`).
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
@@ -426,6 +471,7 @@ struct Partition {
     next: HashMap<String, u64>,
     metrics: crate::metrics::OrderingMetrics,
     gap_alerted: HashSet<String>,
+    active: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Partition {
@@ -445,6 +491,7 @@ impl Partition {
                 _ = sweep.tick() => self.sweep_gaps().await,
                 next = self.consumer.next() => match next {
                     Some(Ok(delivery)) => {
+                        self.active.store(true, std::sync::atomic::Ordering::Relaxed);
                         let msg = self.worker.message(delivery.data, delivery.properties, delivery.redelivered);
                         let span = self.worker.span_for(&msg);
                         self.offer(msg, delivery.delivery_tag).instrument(span).await;
@@ -565,7 +612,8 @@ impl Partition {
             if !advance {
                 return;
             }
-            match self.reseq.take(key, number + 1) {
+            // `x-sequence` comes from a header: u64::MAX must not overflow.
+            match self.reseq.take(key, number.saturating_add(1)) {
                 Some(next) => current = next,
                 None => return,
             }
@@ -577,10 +625,10 @@ impl Partition {
         let moved = self
             .ordering
             .store
-            .advance(&scope, key, number, number + 1)
+            .advance(&scope, key, number, number.saturating_add(1))
             .await?;
         if moved {
-            self.next.insert(key.to_owned(), number + 1);
+            self.next.insert(key.to_owned(), number.saturating_add(1));
         } else {
             // Someone else moved it (e.g. an operator reset): reload next time.
             self.next.remove(key);

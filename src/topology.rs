@@ -59,6 +59,8 @@ pub(crate) async fn declare(connection: &Connection, queue: &Queue) -> Result<()
     if let Some(ordering) = &queue.ordering {
         let mut partition = queue.clone();
         partition.ordering = None;
+        // One active consumer per partition, enforced by the broker.
+        partition.singleton = true;
         for n in 0..ordering.partitions {
             let name = crate::ordering::partition_queue(&queue.name, n);
             declare_queue(&channel, &name, work_args(&partition), queue).await?;

@@ -2,7 +2,6 @@
 //! `multiple=true` acks), and a cottontail no-op handler, each draining a pre-filled quorum
 //! queue declared by cottontail itself.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,7 +249,10 @@ async fn declare_with_cottontail(url: &str, queue: &str) -> Res<bool> {
     stop_bounded(running, &format!("declaring {queue}")).await
 }
 
-/// Pipelined raw publishes with confirms, `window` in flight, mandatory.
+/// Raw lapin publishes with confirms, mandatory, `window` in flight on one channel. Each
+/// publish runs as its own future (like the `Client` calls): lapin's `basic_publish` future
+/// resolves only once its frames are written, so awaiting publishes one after the other
+/// would serialise them on the I/O thread.
 async fn prefill_raw(s: &Settings, queue: &str) -> Res<Phase> {
     let (n, window) = (s.messages, s.publish_window);
     let conn = util::connect(&s.url, &format!("bench-publish-raw:{queue}")).await?;
@@ -262,27 +264,23 @@ async fn prefill_raw(s: &Settings, queue: &str) -> Res<Phase> {
     };
     let mark = util::CpuMark::now(s.broker_pid);
     let t0 = Instant::now();
-    let mut in_flight = VecDeque::with_capacity(window);
-    for id in 0..n {
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                queue.to_owned().into(),
-                options,
-                &util::body(id),
-                util::job_properties(),
-            )
-            .await?;
-        in_flight.push_back(confirm);
-        if in_flight.len() >= window {
-            if let Some(c) = in_flight.pop_front() {
-                check_confirm(c.await?)?;
-            }
-        }
-    }
-    for c in in_flight {
-        check_confirm(c.await?)?;
-    }
+    let ch_ref = &ch;
+    futures::stream::iter(0..n)
+        .map(|id| async move {
+            let confirm = ch_ref
+                .basic_publish(
+                    "".into(),
+                    queue.to_owned().into(),
+                    options,
+                    &util::body(id),
+                    util::job_properties(),
+                )
+                .await?;
+            check_confirm(confirm.await?)
+        })
+        .buffer_unordered(window)
+        .try_for_each(|()| async { Ok(()) })
+        .await?;
     let phase = Phase::measure(n, t0, mark, s.broker_pid);
     let _ = conn.close(200, "published".into()).await;
     Ok(phase)

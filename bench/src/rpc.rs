@@ -235,7 +235,7 @@ impl RawCaller {
 }
 
 enum AnyCaller {
-    Raw(RawCaller),
+    Raw(Box<RawCaller>),
     Client(Client),
 }
 
@@ -261,8 +261,8 @@ pub async fn round(
     outstanding: usize,
 ) -> Res<RpcRound> {
     let any = match caller {
-        Caller::Raw => AnyCaller::Raw(RawCaller::connect(url, false).await?),
-        Caller::RawConfirmed => AnyCaller::Raw(RawCaller::connect(url, true).await?),
+        Caller::Raw => AnyCaller::Raw(Box::new(RawCaller::connect(url, false).await?)),
+        Caller::RawConfirmed => AnyCaller::Raw(Box::new(RawCaller::connect(url, true).await?)),
         Caller::Client => AnyCaller::Client(
             Client::builder(url)
                 .connection_name("bench-rpc-client")
