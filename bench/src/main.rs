@@ -7,6 +7,7 @@
 //! ```
 
 mod consume;
+mod overhead;
 mod rpc;
 mod util;
 
@@ -53,6 +54,9 @@ struct Args {
     /// Skip the RPC benchmark.
     #[arg(long)]
     skip_rpc: bool,
+    /// Skip the optional-layer section (metrics off, dedup, ordering).
+    #[arg(long)]
+    skip_overhead: bool,
     /// Wall-time budget in seconds: a consume round that would not fit (judged by the
     /// slowest round so far, plus the RPC part) is not started. 0 = no limit.
     #[arg(long, default_value_t = 280)]
@@ -235,6 +239,21 @@ async fn run(args: Args) -> Res<()> {
     }
     let _ = admin.close(200, "bench done".into()).await;
 
+    // ---- optional layers (ratios to the plain handler, same run) ----
+    let overhead_messages = (args.messages / 5).max(1000);
+    let overhead = if args.skip_overhead {
+        Vec::new()
+    } else {
+        // A subscriber that listens, so per-message spans cost what they cost in production.
+        let _ = tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_writer(std::io::sink)
+                .with_max_level(tracing::Level::INFO)
+                .finish(),
+        );
+        overhead::run(&args.url, overhead_messages, 1000, args.rounds).await?
+    };
+
     report(
         &args,
         rounds_done,
@@ -243,6 +262,9 @@ async fn run(args: Args) -> Res<()> {
         &rpc_results,
         &failures,
     );
+    if !overhead.is_empty() {
+        overhead::report(&overhead, overhead_messages, 1000);
+    }
     println!(
         "\ntotal wall time: {:.1} s",
         started.elapsed().as_secs_f64()
