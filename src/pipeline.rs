@@ -116,8 +116,8 @@ impl Worker {
             message_id = msg.message_id().unwrap_or(""),
             correlation_id = msg.correlation_id().unwrap_or(""),
             attempt = msg.attempt(),
-            trace_id = %msg.trace().trace_id_hex(),
-            span_id = %msg.trace().span_id_hex(),
+            trace_id = %TraceIdHex(msg.trace().trace_id),
+            span_id = %SpanIdHex(msg.trace().span_id),
         )
     }
 
@@ -483,4 +483,20 @@ impl Worker {
 
 fn error_json(error: &HandlerError) -> serde_json::Value {
     serde_json::json!({"kind": error.kind(), "message": error.message()})
+}
+
+/// Hex renderings that format straight into the subscriber's buffer (no per-message String).
+struct TraceIdHex(u128);
+struct SpanIdHex(u64);
+
+impl std::fmt::Display for TraceIdHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl std::fmt::Display for SpanIdHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
