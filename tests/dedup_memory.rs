@@ -5,87 +5,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::dedup::{pay, Effects};
 use common::*;
 use cottontail::dedup::DedupStore;
-use cottontail::{App, Dedup, HandlerError, Json, MemoryStore, MessageId, Queue, State};
-use serde::{Deserialize, Serialize};
-
-#[derive(Deserialize, Serialize)]
-struct Pay {
-    amount: u32,
-}
-
-#[derive(Clone)]
-struct Effects {
-    runs: Counter,
-    delay: Duration,
-}
-
-async fn pay(
-    State(fx): State<Effects>,
-    MessageId(id): MessageId,
-    Json(p): Json<Pay>,
-) -> Result<Json<serde_json::Value>, HandlerError> {
-    tokio::time::sleep(fx.delay).await;
-    fx.runs.add(id.as_deref().unwrap_or("none"));
-    Ok(Json(
-        serde_json::json!({"charged": p.amount, "run": fx.runs.total()}),
-    ))
-}
+use cottontail::{App, Dedup, MemoryStore, Queue};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_three_times_runs_once_and_replies_the_same_three_times() {
-    let name = unique("dedup3");
     let store = Arc::new(MemoryStore::new(10_000));
-    let queue = Queue::new(&name)
-        .expires(EXPIRES)
-        .concurrency(1)
-        .dedup(Dedup::shared(store));
-    let fx = Effects {
-        runs: Counter::default(),
-        delay: Duration::ZERO,
-    };
-    let app = App::new(fx.clone()).handler(queue.clone(), pay);
-    let metrics = app.metrics().clone();
-    let running = start(app, &unique("app")).await;
-
-    let conn = connect(&unique("client")).await;
-    let (reply_to, replies) = reply_queue(&conn).await;
-    let ch = confirm_channel(&conn).await;
-    for i in 0..3 {
-        let props = json_props()
-            .with_message_id("pay-1".into())
-            .with_reply_to(reply_to.as_str().into())
-            .with_correlation_id(format!("call-{i}").into());
-        publish(&ch, &name, br#"{"amount":42}"#, props).await;
-    }
-    let got = replies.wait_for(3, Duration::from_secs(20)).await;
-    assert_eq!(fx.runs.get("pay-1"), 1, "the effect happened once");
-    let bodies: Vec<_> = got.iter().map(|r| r.data.clone()).collect();
-    assert!(
-        bodies.iter().all(|b| b == &bodies[0]),
-        "same reply each time: {bodies:?}"
-    );
-    let mut cids: Vec<_> = got
-        .iter()
-        .map(|r| r.properties.correlation_id().as_ref().unwrap().to_string())
-        .collect();
-    cids.sort();
-    assert_eq!(cids, vec!["call-0", "call-1", "call-2"]);
-    let text = metrics.render();
-    let labels = [("handler", name.as_str()), ("outcome", "duplicate")];
-    assert_eq!(
-        metric_value(&text, "cottontail_messages_total", &labels),
-        Some(2.0),
-        "{text}"
-    );
-    let labels = [("handler", name.as_str()), ("outcome", "ok")];
-    assert_eq!(
-        metric_value(&text, "cottontail_messages_total", &labels),
-        Some(1.0)
-    );
-    running.stop().await.unwrap();
-    delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
+    dedup::same_message_three_times("dedup3", Dedup::shared(store)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

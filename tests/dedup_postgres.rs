@@ -10,6 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::dedup::{outcome, pay, Effects, Pay};
 use common::*;
 use cottontail::dedup::{Claim, DedupStore};
 use cottontail::stores::postgres::deadpool_postgres::{Manager, Pool};
@@ -19,7 +20,6 @@ use cottontail::{
     App, Attempt, Dedup, HandlerError, JobStatus, JobStore, Json, MessageId, Queue, RetryPolicy,
     State,
 };
-use serde::{Deserialize, Serialize};
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -62,82 +62,10 @@ async fn row(scope: &str, id: &str) -> Option<(String, bool)> {
         .map(|r| (r.get(0), r.get(1)))
 }
 
-#[derive(Deserialize, Serialize)]
-struct Pay {
-    amount: u32,
-}
-
-#[derive(Clone)]
-struct Effects {
-    runs: Counter,
-    delay: Duration,
-}
-
-async fn pay(
-    State(fx): State<Effects>,
-    MessageId(id): MessageId,
-    Json(p): Json<Pay>,
-) -> Result<Json<serde_json::Value>, HandlerError> {
-    tokio::time::sleep(fx.delay).await;
-    fx.runs.add(id.as_deref().unwrap_or("none"));
-    Ok(Json(
-        serde_json::json!({"charged": p.amount, "run": fx.runs.total()}),
-    ))
-}
-
-fn outcome(metrics: &cottontail::Metrics, handler: &str, outcome: &str) -> f64 {
-    let labels = [("handler", handler), ("outcome", outcome)];
-    metric_value(&metrics.render(), "cottontail_messages_total", &labels).unwrap_or(0.0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dedup through an app
-// ---------------------------------------------------------------------------------------------
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_three_times_runs_once_and_replies_the_same_three_times() {
-    let name = unique("pg-dedup3");
-    let store = store().await;
-    let queue = Queue::new(&name)
-        .expires(EXPIRES)
-        .concurrency(1)
-        .dedup(Dedup::new(store.clone()));
-    let fx = Effects {
-        runs: Counter::default(),
-        delay: Duration::ZERO,
-    };
-    let app = App::new(fx.clone()).handler(queue.clone(), pay);
-    let metrics = app.metrics().clone();
-    let running = start(app, &unique("app")).await;
-
-    let conn = connect(&unique("client")).await;
-    let (reply_to, replies) = reply_queue(&conn).await;
-    let ch = confirm_channel(&conn).await;
-    for i in 0..3 {
-        let props = json_props()
-            .with_message_id("pay-1".into())
-            .with_reply_to(reply_to.as_str().into())
-            .with_correlation_id(format!("call-{i}").into());
-        publish(&ch, &name, br#"{"amount":42}"#, props).await;
-    }
-    let got = replies.wait_for(3, Duration::from_secs(20)).await;
-    assert_eq!(fx.runs.get("pay-1"), 1, "the effect happened once");
-    let bodies: Vec<_> = got.iter().map(|r| r.data.clone()).collect();
-    assert!(
-        bodies.iter().all(|b| b == &bodies[0]),
-        "same reply each time: {bodies:?}"
-    );
-    let mut cids: Vec<_> = got
-        .iter()
-        .map(|r| r.properties.correlation_id().as_ref().unwrap().to_string())
-        .collect();
-    cids.sort();
-    assert_eq!(cids, vec!["call-0", "call-1", "call-2"]);
-    assert_eq!(outcome(&metrics, &name, "duplicate"), 2.0);
-    assert_eq!(outcome(&metrics, &name, "ok"), 1.0);
+    let (name, _) = dedup::same_message_three_times("pg-dedup3", Dedup::new(store().await)).await;
     assert_eq!(row(&name, "pay-1").await, Some(("done".into(), true)));
-    running.stop().await.unwrap();
-    delete_queues(&handler_queues(&queue, &RetryPolicy::default())).await;
     cleanup(&name).await;
 }
 

@@ -4,6 +4,7 @@
 //! conditions with deadlines, and disrupts only its own connections.
 #![allow(dead_code)]
 
+pub mod dedup;
 pub mod priority;
 
 use std::collections::HashMap;
