@@ -5,16 +5,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::acker::{Acker, Settle};
+use crate::acker::{AckBatch, Settle, ACK_DELAY, STRAGGLER_WAIT};
 use crate::config::Config;
 use crate::connection::{bounded, Connector, CLEANUP};
 use crate::handler::{Handler, Layer, Service};
@@ -362,9 +365,7 @@ struct Session {
     failed: CancellationToken,
     stop: CancellationToken,
     abort: CancellationToken,
-    tracker: TaskTracker,
     loops: Vec<JoinHandle<()>>,
-    ackers: Vec<Acker>,
 }
 
 impl Session {
@@ -386,27 +387,9 @@ impl Session {
             failed,
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
-            tracker: TaskTracker::new(),
             loops: Vec::new(),
-            ackers: Vec::new(),
         };
         for (index, h) in sup.handlers.iter().enumerate() {
-            let channel = connection.create_channel().await.map_err(Error::broker)?;
-            channel
-                .basic_qos(entry_prefetch(&h.queue), BasicQosOptions { global: false })
-                .await
-                .map_err(Error::broker)?;
-            let tag = format!("{}/{}", sup.connector.name(), h.queue.handler());
-            let consumer = channel
-                .basic_consume(
-                    h.queue.name().into(),
-                    lapin::types::ShortString::try_new(tag).unwrap_or_else(|_| "".into()),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(Error::broker)?;
-            let acker = Acker::spawn(channel.clone());
             let make_worker = {
                 let (h_queue, h_service) = (h.queue.clone(), h.service.clone());
                 let context = Arc::new(Context {
@@ -424,30 +407,32 @@ impl Session {
                 let failed = session.failed.clone();
                 let owner = sup.owner.clone();
                 let recent = sup.recent.clone();
+                let claims = Arc::new(std::sync::atomic::AtomicU64::new(0));
                 let jobs = h
                     .queue
                     .track_jobs
                     .then(|| JobRecorder::new(sup.jobs.clone(), h.queue.handler()));
-                move |acker: Acker| Worker {
+                move || Worker {
                     queue: h_queue.clone(),
                     service: h_service.clone(),
                     context: context.clone(),
-                    acker,
                     metrics: metrics.clone(),
                     session_failed: failed.clone(),
                     owner: owner.clone(),
                     recent: recent.clone(),
-                    claims: Default::default(),
+                    claims: claims.clone(),
                     jobs: jobs.clone(),
                     route: None,
                     instrumented,
                 }
             };
-            let mut worker = make_worker(acker.clone());
-            if let Some(ordering) = &h.queue.ordering {
+            let consumer_tag = |n: usize| {
+                let tag = format!("{}/{}/{n}", sup.connector.name(), h.queue.handler());
+                lapin::types::ShortString::try_new(tag).unwrap_or_else(|_| "".into())
+            };
+            let route = if let Some(ordering) = &h.queue.ordering {
                 // The entry queue only routes to partitions; partitions are owned by
                 // `ordering::balance`.
-                worker.route = Some(Route::Partitions(ordering.partitions));
                 session.loops.push(tokio::spawn(ordering::balance(
                     h.queue.name().to_owned(),
                     ordering.clone(),
@@ -457,80 +442,50 @@ impl Session {
                     session.stop.clone(),
                     session.failed.clone(),
                 )));
+                Some(Route::Partitions(ordering.partitions))
+            } else {
+                h.queue.bands.clone().map(Route::Bands)
+            };
+            let shares = match route {
+                // Routers: one consumer, a deep window of routing publishes.
+                Some(_) => vec![(entry_prefetch(&h.queue), usize::from(ROUTER_WINDOW))],
+                None => h.queue.consumer_shares(),
+            };
+            let mut router = None;
+            for (n, (prefetch, concurrency)) in shares.into_iter().enumerate() {
+                let mut worker = make_worker();
+                worker.route = route.clone();
+                let source = Source::open(
+                    connection,
+                    h.queue.name(),
+                    prefetch,
+                    consumer_tag(n),
+                    worker,
+                )
+                .await?;
+                let consume = ConsumeLoop::new(vec![source], concurrency);
+                router = Some(consume.in_flight.clone());
+                session.spawn_loop(consume, sup, index);
             }
-            let entry_permits = Arc::new(Semaphore::new(
-                if worker.route.is_some() || h.queue.bands.is_some() {
-                    usize::from(ROUTER_WINDOW)
-                } else {
-                    h.queue.effective_concurrency()
-                },
-            ));
             if let Some(bands) = &h.queue.bands {
-                worker.route = Some(Route::Bands(bands.clone()));
                 let mut sources = Vec::new();
                 for (n, (_, weight)) in bands.levels.iter().enumerate() {
-                    let channel = connection.create_channel().await.map_err(Error::broker)?;
-                    channel
-                        .basic_qos(h.queue.prefetch_count(), BasicQosOptions { global: false })
-                        .await
-                        .map_err(Error::broker)?;
-                    let consumer = channel
-                        .basic_consume(
-                            crate::queue::band_queue(h.queue.name(), n).as_str().into(),
-                            "".into(),
-                            BasicConsumeOptions::default(),
-                            FieldTable::default(),
-                        )
-                        .await
-                        .map_err(Error::broker)?;
-                    let band_acker = Acker::spawn(channel.clone());
-                    session.ackers.push(band_acker.clone());
-                    sources.push(Source {
-                        worker: Arc::new(make_worker(band_acker)),
-                        channel,
-                        consumer,
-                        weight: *weight,
-                        peeked: None,
-                    });
+                    let band = crate::queue::band_queue(h.queue.name(), n);
+                    let prefetch = h.queue.prefetch_count();
+                    let mut source =
+                        Source::open(connection, &band, prefetch, "".into(), make_worker()).await?;
+                    source.weight = *weight;
+                    sources.push(source);
                 }
-                let bands_loop = ConsumeLoop {
-                    sources,
-                    sort_first: Some((
-                        connection.clone(),
-                        h.queue.name().to_owned(),
-                        entry_permits.clone(),
-                    )),
-                    permits: Arc::new(Semaphore::new(h.queue.effective_concurrency())),
-                    stop: session.stop.clone(),
-                    failed: session.failed.clone(),
-                    abort: session.abort.clone(),
-                    tracker: session.tracker.clone(),
-                    health: sup.health.clone(),
-                    index,
-                };
-                session.loops.push(tokio::spawn(bands_loop.run()));
+                let mut bands_loop = ConsumeLoop::new(sources, h.queue.effective_concurrency());
+                bands_loop.sort_first = Some((
+                    connection.clone(),
+                    h.queue.name().to_owned(),
+                    router.unwrap_or_default(),
+                ));
+                session.spawn_loop(bands_loop, sup, index);
             }
-            let worker = Arc::new(worker);
-            session.ackers.push(acker);
-            let consume = ConsumeLoop {
-                sources: vec![Source {
-                    worker,
-                    channel,
-                    consumer,
-                    weight: 1,
-                    peeked: None,
-                }],
-                sort_first: None,
-                permits: entry_permits,
-                stop: session.stop.clone(),
-                failed: session.failed.clone(),
-                abort: session.abort.clone(),
-                tracker: session.tracker.clone(),
-                health: sup.health.clone(),
-                index,
-            };
             sup.health.set_consuming(index, true);
-            session.loops.push(tokio::spawn(consume.run()));
         }
         for (schedule, target) in &sup.schedules {
             session.loops.push(tokio::spawn(schedule::run(
@@ -546,29 +501,32 @@ impl Session {
         Ok(session)
     }
 
+    fn spawn_loop(&mut self, mut consume: ConsumeLoop, sup: &Supervisor, index: usize) {
+        consume.stop = self.stop.clone();
+        consume.failed = self.failed.clone();
+        consume.abort = self.abort.clone();
+        consume.health = Some((sup.health.clone(), index));
+        self.loops.push(tokio::spawn(consume.run()));
+    }
+
     /// Graceful: stop deliveries, let in-flight work finish (bounded), send the acks, close.
     /// Whatever did not finish stays unacked and the broker requeues it on close.
     async fn drain(self, connection: &Connection, limit: Duration) {
         self.stop.cancel();
-        for handle in self.loops {
-            // A loop ends once its in-flight message is done (ordered partitions run inline).
-            let _ = bounded(limit + CLEANUP, handle).await;
-        }
-        self.tracker.close();
-        if tokio::time::timeout(limit, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        let abort = self.abort.clone();
+        let deadline = tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
             tracing::warn!(
                 ?limit,
                 "shutdown timeout: unfinished messages go back to the queue"
             );
-            self.abort.cancel();
-            let _ = bounded(CLEANUP, self.tracker.wait()).await;
+            abort.cancel();
+        });
+        for handle in self.loops {
+            // A loop ends once its in-flight messages are done and acked, or at the deadline.
+            let _ = bounded(limit + CLEANUP, handle).await;
         }
-        for acker in &self.ackers {
-            let _ = bounded(CLEANUP, acker.flush()).await;
-        }
+        deadline.abort();
         // Our own close is not a failure: stop watching first.
         self.failed.cancel();
         let _ = bounded(CLEANUP, connection.close(200, "shutdown".into())).await;
@@ -583,8 +541,6 @@ impl Session {
         for handle in self.loops {
             let _ = bounded(CLEANUP, handle).await;
         }
-        self.tracker.close();
-        let _ = bounded(CLEANUP, self.tracker.wait()).await;
         let _ = bounded(CLEANUP, connection.close(200, "recovering".into())).await;
     }
 }
@@ -633,99 +589,229 @@ fn entry_prefetch(queue: &Queue) -> u16 {
     }
 }
 
-/// One queue a consume loop takes deliveries from, with its worker (acking on that queue's
-/// channel) and, for priority bands, its weight.
+/// One queue a consume loop takes deliveries from, on its own channel (so its own
+/// delivery tags and acks).
 struct Source {
     worker: Arc<Worker>,
+    /// Priority bands: picks in a row before a lower band with work gets one.
+    weight: u32,
     channel: Channel,
     consumer: Consumer,
-    weight: u32,
+    acks: AckBatch,
     peeked: Option<Next>,
 }
 
+impl Source {
+    async fn open(
+        connection: &Connection,
+        queue: &str,
+        prefetch: u16,
+        tag: lapin::types::ShortString,
+        worker: Worker,
+    ) -> Result<Source, Error> {
+        let channel = connection.create_channel().await.map_err(Error::broker)?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(Error::broker)?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(Error::broker)?;
+        Ok(Source {
+            worker: Arc::new(worker),
+            weight: 1,
+            acks: AckBatch::new(channel.clone(), prefetch),
+            channel,
+            consumer,
+            peeked: None,
+        })
+    }
+}
+
+/// One task that consumes, runs the handler and acks: deliveries become handler futures
+/// polled right here (no task per message, no hand-off to an ack task), and their verdicts
+/// go into each channel's [`AckBatch`], flushed whenever the task runs out of ready work.
+/// Parallelism across cores comes from several loops per queue
+/// ([`Queue::consumers`](crate::Queue::consumers)).
 struct ConsumeLoop {
+    /// Priority bands: highest first.
     sources: Vec<Source>,
     /// Banded handlers: wait for the entry queue's backlog to be sorted into bands before
     /// taking work, so a backlog's urgent messages are seen before its older routine ones
-    /// (the entry queue, and the router's permits: all free = nothing being routed).
-    sort_first: Option<(Arc<Connection>, String, Arc<Semaphore>)>,
-    /// The concurrency permits (shared with a band loop that watches the router).
-    permits: Arc<Semaphore>,
+    /// (the entry queue, and the router's in-flight count: 0 = nothing being routed).
+    sort_first: Option<(Arc<Connection>, String, Arc<AtomicUsize>)>,
+    /// Handler runs at once in this loop.
+    limit: usize,
+    /// Handler runs in flight right now (watched by `sort_first` of a band loop).
+    in_flight: Arc<AtomicUsize>,
     stop: CancellationToken,
     failed: CancellationToken,
     abort: CancellationToken,
-    tracker: TaskTracker,
-    health: Arc<Health>,
-    index: usize,
+    health: Option<(Arc<Health>, usize)>,
+}
+
+/// Runs one delivery; a panic outside the handler (which is caught inside) requeues it.
+async fn run_one(worker: Arc<Worker>, source: usize, delivery: Delivery) -> (usize, u64, Settle) {
+    let tag = delivery.delivery_tag;
+    let settle = AssertUnwindSafe(worker.process(delivery))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!(handler = %worker.queue.handler(), "pipeline panicked; message requeued");
+            Settle::Requeue
+        });
+    (source, tag, settle)
+}
+
+/// An empty set of `run`'s futures (names their type before the first push).
+fn in_flight_set<F: std::future::Future>(
+    _run: fn(Arc<Worker>, usize, Delivery) -> F,
+) -> FuturesUnordered<F> {
+    FuturesUnordered::new()
 }
 
 impl ConsumeLoop {
-    /// Pulls deliveries while a concurrency permit is free; each runs in its own task. With
-    /// several sources (priority bands, highest first) the highest band with a delivery ready
-    /// goes first, except that after `weight` picks in a row a lower band with work gets one,
-    /// so low priorities keep moving under a steady stream of urgent work.
+    fn new(sources: Vec<Source>, limit: usize) -> Self {
+        Self {
+            sources,
+            sort_first: None,
+            limit: limit.max(1),
+            in_flight: Arc::default(),
+            stop: CancellationToken::new(),
+            failed: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            health: None,
+        }
+    }
+
+    /// Takes deliveries while fewer than `limit` run. With several sources (priority bands,
+    /// highest first) the highest band with a delivery ready goes first, except that after
+    /// `weight` picks in a row a lower band with work gets one, so low priorities keep moving
+    /// under a steady stream of urgent work.
     async fn run(mut self) {
         let Some(first) = self.sources.first() else {
             return;
         };
         let handler = first.worker.queue.handler().to_owned();
-        let permits = self.permits.clone();
         if let Some((connection, entry, router)) = self.sort_first.take() {
             sort_backlog_first(&connection, &entry, &router, &self.stop).await;
         }
+        let mut running = in_flight_set(run_one);
         let mut streak = 0u32;
-        loop {
-            let permit = tokio::select! {
+        let (stop, failed) = (self.stop.clone(), self.failed.clone());
+        let (stopped, lost) = (stop.cancelled(), failed.cancelled());
+        tokio::pin!(stopped, lost);
+        // Finished tags waiting behind an unfinished one are acked alone when this fires.
+        let stragglers = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(stragglers);
+        let mut stragglers_armed = false;
+        // Verdicts not yet sent are flushed this long after the loop runs out of ready work
+        // (or at once when a batch fills): small acks are what costs a quorum queue most.
+        let flush_at = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(flush_at);
+        let mut flush_armed = false;
+        while !stop.is_cancelled() && !failed.is_cancelled() {
+            tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => break,
-                _ = self.failed.cancelled() => break,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let next = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                _ = self.failed.cancelled() => break,
-                next = next_delivery(&mut self.sources, &mut streak) => next,
-            };
-            match next {
-                (band, Some(Ok(delivery))) => {
-                    let worker = self.sources[band].worker.clone();
-                    if self.stop.is_cancelled() {
-                        worker.acker.settle(delivery.delivery_tag, Settle::Requeue);
-                        break;
+                Some((source, tag, how)) = running.next(), if !running.is_empty() => {
+                    if self.sources[source].acks.settle(tag, how) {
+                        self.flush(&mut stragglers_armed, stragglers.as_mut());
                     }
-                    let abort = self.abort.clone();
-                    self.tracker.spawn(async move {
-                        tokio::select! {
-                            _ = worker.process(delivery) => {}
-                            _ = abort.cancelled() => {}
-                        }
-                        drop(permit);
-                    });
                 }
-                (_, Some(Err(error))) => {
-                    tracing::warn!(%handler, error = %crate::connection::redact(&error.to_string()), "consumer failed");
-                    self.failed.cancel();
-                    break;
+                next = next_delivery(&mut self.sources, &mut streak), if running.len() < self.limit => match next {
+                    (source, Some(Ok(delivery))) => {
+                        running.push(run_one(self.sources[source].worker.clone(), source, delivery));
+                    }
+                    (_, Some(Err(error))) => {
+                        tracing::warn!(%handler, error = %crate::connection::redact(&error.to_string()), "consumer failed");
+                        failed.cancel();
+                    }
+                    (_, None) => {
+                        tracing::warn!(%handler, "consumer cancelled by the broker");
+                        failed.cancel();
+                    }
+                },
+                () = &mut stragglers, if stragglers_armed => {
+                    stragglers_armed = false;
+                    for source in &mut self.sources {
+                        source.acks.release_stragglers();
+                    }
                 }
-                (_, None) => {
-                    tracing::warn!(%handler, "consumer cancelled by the broker");
-                    self.failed.cancel();
-                    break;
+                () = &mut stopped => {}
+                () = &mut lost => {}
+                () = &mut flush_at, if flush_armed => {
+                    flush_armed = false;
+                    self.flush(&mut stragglers_armed, stragglers.as_mut());
+                }
+                // Nothing else ready: send what has been settled soon.
+                () = std::future::ready(()), if !flush_armed && self.unflushed() => {
+                    flush_armed = true;
+                    flush_at.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
                 }
             }
+            self.in_flight.store(running.len(), AtomicOrdering::Relaxed);
         }
-        self.health.set_consuming(self.index, false);
-        if self.stop.is_cancelled() && !self.failed.is_cancelled() {
-            for source in &self.sources {
-                let cancel = source
-                    .channel
-                    .basic_cancel(source.consumer.tag(), BasicCancelOptions::default());
+        if let Some((health, index)) = &self.health {
+            health.set_consuming(*index, false);
+        }
+        if failed.is_cancelled() {
+            // The connection is going away: the broker requeues everything unacked.
+            return;
+        }
+        // Stop: no new deliveries (the ones prefetched stay unacked and go back to the queue
+        // when the channel closes); let the running ones finish until the abort, then ack.
+        let cancels = self
+            .sources
+            .iter()
+            .map(|s| (s.channel.clone(), s.consumer.tag()))
+            .collect::<Vec<_>>();
+        let cancel = async move {
+            for (channel, tag) in cancels {
+                let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
                 let _ = bounded(CLEANUP, cancel).await;
             }
+        };
+        let finish = async {
+            let aborted = self.abort.cancelled();
+            tokio::pin!(aborted);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut aborted => break,
+                    done = running.next() => match done {
+                        Some((source, tag, how)) => {
+                            self.sources[source].acks.settle(tag, how);
+                        }
+                        None => break,
+                    },
+                }
+            }
+            drop(running);
+            for source in &mut self.sources {
+                source.acks.release_stragglers();
+            }
+        };
+        futures::join!(cancel, finish);
+    }
+
+    fn unflushed(&self) -> bool {
+        self.sources.iter().any(|s| s.acks.unflushed())
+    }
+
+    fn flush(&mut self, armed: &mut bool, timer: std::pin::Pin<&mut tokio::time::Sleep>) {
+        let mut stragglers = false;
+        for source in &mut self.sources {
+            stragglers |= source.acks.flush();
+        }
+        if stragglers && !*armed {
+            *armed = true;
+            timer.reset(tokio::time::Instant::now() + STRAGGLER_WAIT);
         }
     }
 }
@@ -736,7 +822,7 @@ const SORT_GRACE: Duration = Duration::from_secs(5);
 async fn sort_backlog_first(
     connection: &Connection,
     entry: &str,
-    router: &Semaphore,
+    router: &AtomicUsize,
     stop: &CancellationToken,
 ) {
     let deadline = tokio::time::Instant::now() + SORT_GRACE;
@@ -756,10 +842,8 @@ async fn sort_backlog_first(
             .await
             .map(|q| q.message_count());
         let _ = bounded(CLEANUP, channel.close(200, "".into())).await;
-        // The router holds one permit while it waits for its next delivery.
-        let routing = usize::from(ROUTER_WINDOW) - router.available_permits();
         match ready {
-            Ok(0) if routing <= 1 => return,
+            Ok(0) if router.load(AtomicOrdering::Relaxed) == 0 => return,
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             Err(_) => return,
         }

@@ -35,6 +35,16 @@ pub fn get_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
     value_as_u64(value)
 }
 
+/// A text header without copying it (`None` for numbers and other types).
+pub fn get_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a str> {
+    match headers?.inner().get(name)? {
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ByteArray(b) => std::str::from_utf8(b.as_slice()).ok(),
+        _ => None,
+    }
+}
+
 /// Reads a header as text (short or long string; numbers are rendered).
 pub fn get_string(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     let value = headers?.inner().get(name)?;

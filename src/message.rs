@@ -40,8 +40,8 @@ impl Message {
     ) -> Self {
         let prior = headers::get_u64(properties.headers().as_ref(), headers::ATTEMPTS).unwrap_or(0);
         let attempt = u32::try_from(prior.saturating_add(1)).unwrap_or(u32::MAX);
-        let trace = headers::get_string(properties.headers().as_ref(), TRACEPARENT)
-            .and_then(|v| TraceContext::parse(&v))
+        let trace = headers::get_str(properties.headers().as_ref(), TRACEPARENT)
+            .and_then(TraceContext::parse)
             .map_or_else(TraceContext::new_root, |parent| parent.child());
         Self {
             inner: Arc::new(Inner {

@@ -248,8 +248,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Builds a partition worker: the handler's worker, acking on the partition's channel.
-pub(crate) type MakeWorker = Arc<dyn Fn(Acker) -> Worker + Send + Sync>;
+/// Builds a partition worker (the handler's worker; the partition acks on its own channel).
+pub(crate) type MakeWorker = Arc<dyn Fn() -> Worker + Send + Sync>;
 
 /// Keeps this instance's fair share of partitions: joins `Q.members`, grabs unowned
 /// partitions while below `ceil(partitions / members)`, releases extras when above.
@@ -333,7 +333,7 @@ pub(crate) async fn balance(
                         let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
                         let acker = Acker::spawn(channel.clone());
                         let partition = Partition {
-                            worker: make_worker(acker.clone()),
+                            worker: make_worker(),
                             acker,
                             channel,
                             consumer,

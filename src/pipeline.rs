@@ -16,7 +16,7 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::acker::{Acker, Settle};
+use crate::acker::Settle;
 use crate::dead_letter;
 use crate::dedup::{Claim, Dedup};
 use crate::error::HandlerError;
@@ -59,6 +59,7 @@ impl Verdict {
 }
 
 /// Where an entry-queue worker moves messages instead of handling them.
+#[derive(Clone)]
 pub(crate) enum Route {
     /// Ordered handlers: to the key's partition queue.
     Partitions(u16),
@@ -71,7 +72,6 @@ pub(crate) struct Worker {
     pub queue: Arc<Queue>,
     pub service: Service,
     pub context: Arc<Context>,
-    pub acker: Acker,
     pub metrics: HandlerMetrics,
     /// Cancelled when a publish fails for connection reasons: the session must restart.
     pub session_failed: CancellationToken,
@@ -79,7 +79,7 @@ pub(crate) struct Worker {
     pub jobs: Option<JobRecorder>,
     /// This instance's identity; with a counter, each claim's owner token.
     pub owner: Arc<str>,
-    pub claims: std::sync::atomic::AtomicU64,
+    pub claims: Arc<std::sync::atomic::AtomicU64>,
     /// Feeds the status page's recent dead-letters.
     pub recent: RecentDeadLetters,
     /// Set on an ordered handler's entry-queue worker: route instead of handling.
@@ -89,13 +89,11 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Processes one delivery to its verdict.
-    pub(crate) async fn process(&self, delivery: Delivery) {
-        let tag = delivery.delivery_tag;
+    /// Processes one delivery to what the broker should be told about it.
+    pub(crate) async fn process(&self, delivery: Delivery) -> Settle {
         let msg = self.message(delivery.data, delivery.properties, delivery.redelivered);
         let span = self.span_for(&msg);
-        let verdict = self.decide(msg).instrument(span).await;
-        self.acker.settle(tag, verdict.settle());
+        self.decide(msg).instrument(span).await.settle()
     }
 
     /// The message's span, or none when instrumentation is off.

@@ -33,6 +33,7 @@ pub struct Queue {
     pub(crate) handler_name: Option<String>,
     pub(crate) prefetch: Option<u16>,
     pub(crate) concurrency: usize,
+    pub(crate) consumers: Option<usize>,
     pub(crate) priority: Option<u8>,
     pub(crate) queue_type: Option<QueueType>,
     pub(crate) retry: RetryPolicy,
@@ -111,6 +112,7 @@ impl Queue {
             handler_name: None,
             prefetch: None,
             concurrency: 16,
+            consumers: None,
             priority: None,
             queue_type: None,
             retry: RetryPolicy::default(),
@@ -144,6 +146,45 @@ impl Queue {
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
+    }
+
+    /// Consumers (each a channel and a task running its share of the handler runs) this
+    /// process opens on the queue; the concurrency and the prefetch are split between them.
+    /// Handler futures of one consumer share its task, so CPU work in async handler code
+    /// spreads over cores only across consumers. Defaults to one per CPU core, never more
+    /// than the concurrency or the prefetch; singleton, ordered and banded handlers use one.
+    ///
+    /// ```
+    /// use cottontail::Queue;
+    /// let q = Queue::new("emails").concurrency(10).prefetch(40).consumers(3);
+    /// assert_eq!(q.consumer_shares(), vec![(14, 4), (13, 3), (13, 3)]);
+    /// ```
+    pub fn consumers(mut self, n: usize) -> Self {
+        self.consumers = Some(n.max(1));
+        self
+    }
+
+    /// `(prefetch, concurrency)` of each consumer this process opens on the queue.
+    pub fn consumer_shares(&self) -> Vec<(u16, usize)> {
+        let prefetch = self.prefetch_count();
+        let concurrency = self.effective_concurrency();
+        let n = if self.singleton || self.ordering.is_some() || self.bands.is_some() {
+            1
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            self.consumers
+                .unwrap_or(cores)
+                .min(concurrency)
+                .min(usize::from(prefetch))
+                .max(1)
+        };
+        let share = |total: usize, i: usize| total / n + usize::from(i < total % n);
+        (0..n)
+            .map(|i| {
+                let p = u16::try_from(share(usize::from(prefetch), i)).unwrap_or(u16::MAX);
+                (p, share(concurrency, i))
+            })
+            .collect()
     }
 
     /// Priority levels `0..=max` (a classic queue with `x-max-priority`; RabbitMQ 3.10 quorum

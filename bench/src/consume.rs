@@ -227,10 +227,17 @@ async fn run_on(
 
 /// The handler-side queue settings every variant's queue is declared with.
 fn cottontail_queue(queue: &str, prefetch: u16) -> Queue {
-    Queue::new(queue)
+    let q = Queue::new(queue)
         .prefetch(prefetch)
         .concurrency(usize::from(prefetch))
-        .retry(RetryPolicy::none())
+        .retry(RetryPolicy::none());
+    match std::env::var("BENCH_CONSUMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(n) => q.consumers(n),
+        None => q,
+    }
 }
 
 async fn noop() {}
