@@ -223,6 +223,7 @@ impl ClientBuilder {
         let inner = Arc::new(Inner {
             connector,
             session: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
             permits: Arc::new(Semaphore::new(self.max_outstanding)),
             max_outstanding: self.max_outstanding,
             progress_buffer: self.progress_buffer,
@@ -237,7 +238,10 @@ impl ClientBuilder {
 
 struct Inner {
     connector: Connector,
+    /// Held while connecting, so concurrent calls open one session, not one each.
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// The live session for the fast path: calls do not queue on the async lock above.
+    current: Mutex<Option<Arc<Session>>>,
     permits: Arc<Semaphore>,
     max_outstanding: usize,
     progress_buffer: usize,
@@ -423,6 +427,7 @@ impl Client {
     /// publishes and calls reconnect.
     pub async fn close(&self) {
         let session = self.inner.session.lock().await.take();
+        self.inner.set_current(None);
         if let Some(session) = session {
             session.pending.close("client closed".into());
             // Bounded: a broker that stopped answering must not hang the caller's shutdown.
@@ -442,10 +447,13 @@ impl Client {
         let permit = Arc::clone(&self.inner.permits)
             .try_acquire_owned()
             .map_err(|_| RpcError::Busy(self.inner.max_outstanding))?;
-        let session = match tokio::time::timeout_at(deadline, self.inner.session()).await {
-            Ok(Ok(session)) => session,
-            Ok(Err(e)) => return Err(RpcError::Connection(e.to_string())),
-            Err(_) => return Err(RpcError::Timeout),
+        let session = match self.inner.live() {
+            Some(session) => session,
+            None => match tokio::time::timeout_at(deadline, self.inner.session()).await {
+                Ok(Ok(session)) => session,
+                Ok(Err(e)) => return Err(RpcError::Connection(e.to_string())),
+                Err(_) => return Err(RpcError::Timeout),
+            },
         };
 
         let id = format!(
@@ -503,6 +511,9 @@ impl Client {
 impl Inner {
     /// The live session, connecting a new one if there is none or it broke.
     async fn session(&self) -> Result<Arc<Session>, Error> {
+        if let Some(session) = self.live() {
+            return Ok(session);
+        }
         let mut slot = self.session.lock().await;
         if let Some(session) = slot.as_ref() {
             if session.alive() {
@@ -511,9 +522,25 @@ impl Inner {
             session.pending.close("connection lost".into());
         }
         *slot = None;
+        self.set_current(None);
         let session = Arc::new(self.open().await?);
         *slot = Some(Arc::clone(&session));
+        self.set_current(Some(Arc::clone(&session)));
         Ok(session)
+    }
+
+    /// The current session if it is alive, without waiting on the connect lock.
+    fn live(&self) -> Option<Arc<Session>> {
+        let session = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        session.alive().then_some(session)
+    }
+
+    fn set_current(&self, session: Option<Arc<Session>>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = session;
     }
 
     /// Drops `session` if it is still the current one, so the next use reconnects.
@@ -522,6 +549,7 @@ impl Inner {
         if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) && !session.alive() {
             session.pending.close("connection lost".into());
             *slot = None;
+            self.set_current(None);
         }
     }
 

@@ -98,6 +98,9 @@ impl Bands {
     }
 }
 
+/// The smallest prefetch share a default split gives a consumer.
+const MIN_DEFAULT_SHARE: u16 = 32;
+
 /// The queue of band `n` (0 = highest) of `queue`.
 pub fn band_queue(queue: &str, n: usize) -> String {
     format!("{queue}.band.{n}")
@@ -151,8 +154,10 @@ impl Queue {
     /// Consumers (each a channel and a task running its share of the handler runs) this
     /// process opens on the queue; the concurrency and the prefetch are split between them.
     /// Handler futures of one consumer share its task, so CPU work in async handler code
-    /// spreads over cores only across consumers. Defaults to one per CPU core, never more
-    /// than the concurrency or the prefetch; singleton, ordered and banded handlers use one.
+    /// spreads over cores only across consumers (blocking work belongs in
+    /// `tokio::task::spawn_blocking` either way). Defaults to one per CPU core as long as each
+    /// keeps a prefetch of 32 or more (a small window drains between ack round trips), never
+    /// more than the concurrency; singleton, ordered and banded handlers use one.
     ///
     /// ```
     /// use cottontail::Queue;
@@ -172,8 +177,10 @@ impl Queue {
             1
         } else {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // A window much smaller than this drains between ack round trips.
+            let windows = usize::from(prefetch / MIN_DEFAULT_SHARE).max(1);
             self.consumers
-                .unwrap_or(cores)
+                .unwrap_or(cores.min(windows))
                 .min(concurrency)
                 .min(usize::from(prefetch))
                 .max(1)
@@ -362,5 +369,49 @@ impl Queue {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(q: &Queue) -> (usize, usize) {
+        let shares = q.consumer_shares();
+        (
+            shares.iter().map(|(p, _)| usize::from(*p)).sum(),
+            shares.iter().map(|(_, c)| c).sum(),
+        )
+    }
+
+    #[test]
+    fn shares_add_up_to_the_prefetch_and_the_concurrency() {
+        for q in [
+            Queue::new("q"),
+            Queue::new("q").concurrency(1000).prefetch(1000),
+            Queue::new("q").concurrency(7).prefetch(100).consumers(3),
+            Queue::new("q").concurrency(3).prefetch(64).consumers(8),
+        ] {
+            let expected = (usize::from(q.prefetch_count()), q.effective_concurrency());
+            assert_eq!(totals(&q), expected, "{q:?}");
+            assert!(q.consumer_shares().iter().all(|(p, c)| *p >= 1 && *c >= 1));
+        }
+        // Never more consumers than runs at once.
+        assert_eq!(
+            Queue::new("q")
+                .concurrency(3)
+                .consumers(8)
+                .consumer_shares()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn small_windows_singletons_and_routers_keep_one_consumer() {
+        assert_eq!(Queue::new("q").prefetch(10).consumer_shares().len(), 1);
+        assert_eq!(Queue::new("q").priority(9).consumer_shares().len(), 1);
+        let singleton = Queue::new("q").singleton().consumers(4);
+        assert_eq!(singleton.consumer_shares(), vec![(1, 1)]);
     }
 }
