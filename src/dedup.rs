@@ -154,10 +154,62 @@ pub struct MemoryStore<C: Clock = SystemClock> {
     clock: C,
 }
 
+/// Ids by scope (a handler: a few per process, found by a scan) and id (looked up by `&str`,
+/// so checking an id allocates nothing; a new id allocates its key once, shared with the
+/// eviction order). SipHash stays (ids come from outside), so lookups are kept few.
 #[derive(Default)]
 struct MemoryInner {
-    entries: HashMap<(String, String), Entry>,
-    order: VecDeque<(String, String)>,
+    scopes: Vec<(Arc<str>, HashMap<Arc<str>, Entry>)>,
+    /// Insertion order with the expiry at insertion, for eviction and purging.
+    order: VecDeque<(usize, Arc<str>, u64)>,
+    len: usize,
+}
+
+impl MemoryInner {
+    fn scope(&self, scope: &str) -> Option<usize> {
+        self.scopes.iter().position(|(s, _)| &**s == scope)
+    }
+
+    fn get(&self, scope: &str, id: &str) -> Option<&Entry> {
+        self.scopes[self.scope(scope)?].1.get(id)
+    }
+
+    fn remove(&mut self, scope: usize, id: &str) {
+        if self.scopes[scope].1.remove(id).is_some() {
+            self.len -= 1;
+        }
+    }
+
+    fn put(&mut self, scope: &str, id: &str, entry: Entry) {
+        let scope = self.scope(scope).unwrap_or_else(|| {
+            self.scopes.push((Arc::from(scope), HashMap::new()));
+            self.scopes.len() - 1
+        });
+        let ids = &mut self.scopes[scope].1;
+        if let Some(existing) = ids.get_mut(id) {
+            *existing = entry;
+            return;
+        }
+        let id: Arc<str> = Arc::from(id);
+        self.order.push_back((scope, id.clone(), entry.expires_at));
+        ids.insert(id, entry);
+        self.len += 1;
+    }
+
+    /// Drops what expired from the front of the order. An entry whose expiry moved on since
+    /// it was queued (claimed, then done) is queued again with its new expiry.
+    fn purge(&mut self, now: u64) {
+        while self.order.front().is_some_and(|(_, _, at)| *at <= now) {
+            let Some((scope, id, _)) = self.order.pop_front() else {
+                break;
+            };
+            match self.scopes[scope].1.get(&*id).map(|e| e.expires_at) {
+                Some(at) if at > now => self.order.push_back((scope, id, at)),
+                Some(_) => self.remove(scope, &id),
+                None => {}
+            }
+        }
+    }
 }
 
 impl MemoryStore {
@@ -179,7 +231,7 @@ impl<C: Clock> MemoryStore<C> {
 
     /// Ids currently held (claimed or done, unexpired or not yet purged).
     pub fn len(&self) -> usize {
-        self.inner.lock().map(|i| i.entries.len()).unwrap_or(0)
+        self.inner.lock().map(|i| i.len).unwrap_or(0)
     }
 
     /// Whether the store holds nothing.
@@ -196,37 +248,17 @@ impl<C: Clock> MemoryStore<C> {
         Ok(f(&mut inner, now))
     }
 
-    fn insert(&self, inner: &mut MemoryInner, key: (String, String), entry: Entry, now: u64) {
-        if inner.entries.insert(key.clone(), entry).is_none() {
-            inner.order.push_back(key);
-        }
-        // Evict: expired first, then the oldest, until within capacity.
-        while inner.entries.len() > self.capacity {
-            let Some(oldest) = inner.order.pop_front() else {
+    fn insert(&self, inner: &mut MemoryInner, scope: &str, id: &str, entry: Entry, now: u64) {
+        inner.put(scope, id, entry);
+        // Evict the oldest until within capacity.
+        while inner.len > self.capacity {
+            let Some((scope, id, _)) = inner.order.pop_front() else {
                 break;
             };
-            inner.entries.remove(&oldest);
+            inner.remove(scope, &id);
         }
-        // Keep the order queue from growing with keys already gone.
-        while let Some(front) = inner.order.front() {
-            match inner.entries.get(front) {
-                Some(e) if e.expires_at > now => break,
-                Some(_) => {
-                    let k = inner.order.pop_front();
-                    if let Some(k) = k {
-                        inner.entries.remove(&k);
-                    }
-                }
-                None => {
-                    inner.order.pop_front();
-                }
-            }
-        }
+        inner.purge(now);
     }
-}
-
-fn key(scope: &str, id: &str) -> (String, String) {
-    (scope.to_owned(), id.to_owned())
 }
 
 fn ms(d: Duration) -> u64 {
@@ -242,8 +274,7 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
         lease: Duration,
     ) -> BoxFuture<Result<Claim, StoreError>> {
         let result = self.with(|inner, now| {
-            let k = key(scope, id);
-            match inner.entries.get(&k) {
+            match inner.get(scope, id) {
                 Some(e) if e.expires_at > now => match &e.slot {
                     Slot::Done { reply } => {
                         return Claim::Done {
@@ -261,7 +292,7 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
                 },
                 expires_at: now.saturating_add(ms(lease)),
             };
-            self.insert(inner, k, entry, now);
+            self.insert(inner, scope, id, entry, now);
             Claim::Acquired
         });
         Box::pin(async move { result })
@@ -280,17 +311,18 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
                 slot: Slot::Done { reply },
                 expires_at: now.saturating_add(ms(retention)),
             };
-            self.insert(inner, key(scope, id), entry, now);
+            self.insert(inner, scope, id, entry, now);
         });
         Box::pin(async move { result })
     }
 
     fn release(&self, scope: &str, id: &str, owner: &str) -> BoxFuture<Result<(), StoreError>> {
         let result = self.with(|inner, _| {
-            let k = key(scope, id);
-            if matches!(inner.entries.get(&k), Some(Entry { slot: Slot::Claimed { owner: o }, .. }) if o == owner)
-            {
-                inner.entries.remove(&k);
+            if let Some(n) = inner.scope(scope) {
+                if matches!(inner.scopes[n].1.get(id), Some(Entry { slot: Slot::Claimed { owner: o }, .. }) if o == owner)
+                {
+                    inner.remove(n, id);
+                }
             }
         });
         Box::pin(async move { result })
@@ -388,6 +420,31 @@ mod tests {
             store.claim("h", "m9", "b", S).await,
             Ok(Claim::Done { reply: None })
         );
+    }
+
+    #[tokio::test]
+    async fn a_done_id_outlives_the_lease_it_was_claimed_with() {
+        let clock = HandClock::default();
+        let store = MemoryStore::with_clock(1000, clock.clone());
+        store.claim("h", "m", "a", S).await.unwrap();
+        store.complete("h", "m", "a", None, 60 * S).await.unwrap();
+        clock.advance(2 * S);
+        // Purging runs on insert: the lease's expiry has passed, the retention's has not.
+        store
+            .complete("h", "other", "a", None, 60 * S)
+            .await
+            .unwrap();
+        assert_eq!(store.len(), 2);
+        assert_eq!(
+            store.claim("h", "m", "b", S).await,
+            Ok(Claim::Done { reply: None })
+        );
+        clock.advance(60 * S);
+        store
+            .complete("h", "late", "a", None, 60 * S)
+            .await
+            .unwrap();
+        assert_eq!(store.len(), 1, "both expired and purged");
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cottontail::lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    ConfirmSelectOptions, QueuePurgeOptions,
 };
 use cottontail::lapin::types::FieldTable;
 use cottontail::lapin::{Confirmation, Connection};
@@ -161,7 +161,19 @@ pub struct Settings {
     pub broker_pid: Option<u32>,
 }
 
-/// Runs one variant at one prefetch on a fresh queue, then deletes the queue.
+/// The queue of one variant at one prefetch: the same in every round of this process, so
+/// no big quorum queue is deleted while the benchmark still writes (RabbitMQ 3.10.8's Ra
+/// segment writer can crash the node when a deleted queue's log is flushed under load,
+/// dropping every connection). [`delete_queues`] removes them at the end.
+pub fn queue_name(variant: Variant, prefetch: u16) -> String {
+    format!(
+        "bench.consume.{}.p{prefetch}.{}",
+        variant.short(),
+        std::process::id()
+    )
+}
+
+/// Runs one variant at one prefetch on its queue (declared if new, emptied first).
 pub async fn run(
     s: &Settings,
     admin: &Connection,
@@ -169,11 +181,40 @@ pub async fn run(
     prefetch: u16,
     publisher: Publisher,
 ) -> Res<RunResult> {
-    let queue = util::unique(&format!("bench.consume.{}.p{prefetch}", variant.short()));
-    let result = run_on(s, admin, &queue, variant, prefetch, publisher).await;
-    util::delete_queue(admin, &queue).await;
-    util::delete_queue(admin, &format!("{queue}.dlq")).await;
-    result
+    let s = &Settings {
+        messages: messages_at(s.messages, prefetch),
+        ..s.clone()
+    };
+    run_on(
+        s,
+        admin,
+        &queue_name(variant, prefetch),
+        variant,
+        prefetch,
+        publisher,
+    )
+    .await
+}
+
+/// Messages per run at `prefetch`: small windows run 5-10x slower, so they get a fifth and
+/// the default run still fits its time budget with three rounds.
+pub fn messages_at(messages: u64, prefetch: u16) -> u64 {
+    if prefetch < 100 {
+        (messages / 5).max(1000)
+    } else {
+        messages
+    }
+}
+
+/// Deletes every consume queue (and its DLQ) this process declared.
+pub async fn delete_queues(admin: &Connection, variants: &[Variant], prefetches: &[u16]) {
+    for variant in variants {
+        for prefetch in prefetches {
+            let queue = queue_name(*variant, *prefetch);
+            util::delete_queue(admin, &queue).await;
+            util::delete_queue(admin, &format!("{queue}.dlq")).await;
+        }
+    }
 }
 
 async fn run_on(
@@ -185,6 +226,12 @@ async fn run_on(
     publisher: Publisher,
 ) -> Res<RunResult> {
     let mut stop_hangs = u32::from(declare_with_cottontail(&s.url, queue).await?);
+    // A previous round's run may have left messages requeued at its close.
+    let purge = admin.create_channel().await?;
+    purge
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await?;
+    let _ = purge.close(200, "purged".into()).await;
     let publish = match publisher {
         Publisher::Raw => prefill_raw(s, queue).await?,
         Publisher::Client => prefill_client(s, queue).await?,
@@ -228,6 +275,8 @@ async fn run_on(
 /// The handler-side queue settings every variant's queue is declared with.
 fn cottontail_queue(queue: &str, prefetch: u16) -> Queue {
     let q = Queue::new(queue)
+        // Left behind only if the benchmark dies; removed a while after.
+        .expires(Duration::from_secs(900))
         .prefetch(prefetch)
         .concurrency(usize::from(prefetch))
         .retry(RetryPolicy::none());

@@ -51,19 +51,27 @@ struct Count {
     handled: AtomicU64,
     target: u64,
     done: Notify,
-    /// First and last handler call: the rate is taken between them, so connection and
-    /// topology setup (the same for every flavor, but a large share of a short run) is left
-    /// out.
-    first: OnceLock<Instant>,
-    last: OnceLock<Instant>,
+    /// Time and process CPU at the first and the last handler call: rates are taken between
+    /// them, so connection and topology setup (the same for every flavor, but a large share
+    /// of a short run) is left out.
+    first: OnceLock<(Instant, Duration)>,
+    last: OnceLock<(Instant, Duration)>,
 }
 
 async fn count(State(c): State<Arc<Count>>) {
-    c.first.get_or_init(Instant::now);
+    c.first.get_or_init(|| (Instant::now(), util::cpu_time()));
     if c.handled.fetch_add(1, Ordering::Relaxed) + 1 == c.target {
-        let _ = c.last.set(Instant::now());
+        let _ = c.last.set((Instant::now(), util::cpu_time()));
         c.done.notify_one();
     }
+}
+
+/// One run of one flavor.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub rate: f64,
+    /// Process CPU seconds per 100k messages (handling window).
+    pub cpu: f64,
 }
 
 const KEYS: u64 = 1000;
@@ -97,44 +105,55 @@ fn queue_for(
     }
 }
 
-/// Runs every flavor `rounds` times (alternating) with `n` messages; returns per flavor the
-/// msg/s of each round.
-pub async fn run(url: &str, n: u64, prefetch: u16, rounds: usize) -> Res<Vec<(Flavor, Vec<f64>)>> {
+/// Runs every flavor `rounds` times (alternating, each round starting one flavor later so no
+/// flavor always follows the same one) with `n` messages; returns the samples per flavor.
+pub async fn run(
+    url: &str,
+    n: u64,
+    prefetch: u16,
+    rounds: usize,
+) -> Res<Vec<(Flavor, Vec<Sample>)>> {
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let redis = cottontail::stores::RedisStore::connect(&redis_url, &util::unique("bench-dedup"))
         .await
         .ok();
-    let mut results: Vec<(Flavor, Vec<f64>)> =
+    let mut results: Vec<(Flavor, Vec<Sample>)> =
         Flavor::ALL.iter().map(|f| (*f, Vec::new())).collect();
+    // Deleted at the end, not between runs (see `consume::queue_name`).
+    let mut used = Vec::new();
     for round in 1..=rounds {
-        for (flavor, rates) in results.iter_mut() {
+        let mut order: Vec<_> = results.iter_mut().collect();
+        order.rotate_left((round - 1) % Flavor::ALL.len());
+        for (flavor, samples) in order {
             if *flavor == Flavor::RedisDedup && redis.is_none() {
                 continue;
             }
-            match one(url, *flavor, n, prefetch, redis.as_ref()).await {
-                Ok(rate) => {
+            let name = util::unique("bench.overhead");
+            let queue = queue_for(&name, *flavor, prefetch, redis.as_ref());
+            let sample = one(url, &queue, *flavor, n).await;
+            used.push(queue);
+            match sample {
+                Ok(sample) => {
                     eprintln!(
-                        "overhead round {round}/{rounds} {}: {rate:.0} msg/s",
-                        flavor.label()
+                        "overhead round {round}/{rounds} {}: {:.0} msg/s, {:.2} CPU-s/100k",
+                        flavor.label(),
+                        sample.rate,
+                        sample.cpu
                     );
-                    rates.push(rate);
+                    samples.push(sample);
                 }
                 Err(e) => eprintln!("overhead round {round} {}: FAILED: {e}", flavor.label()),
             }
         }
     }
+    for queue in &used {
+        cleanup(url, queue).await;
+    }
     Ok(results)
 }
 
-async fn one(
-    url: &str,
-    flavor: Flavor,
-    n: u64,
-    prefetch: u16,
-    redis: Option<&cottontail::stores::RedisStore>,
-) -> Res<f64> {
-    let name = util::unique("bench.overhead");
-    let queue = queue_for(&name, flavor, prefetch, redis);
+async fn one(url: &str, queue: &Queue, flavor: Flavor, n: u64) -> Res<Sample> {
+    let name = queue.name().to_owned();
     let state = Arc::new(Count {
         handled: AtomicU64::new(0),
         target: n,
@@ -189,7 +208,6 @@ async fn one(
         .await?;
     let finished = tokio::time::timeout(Duration::from_secs(180), state.done.notified()).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), running.stop()).await;
-    cleanup(url, &queue).await;
     finished.map_err(|_| {
         format!(
             "{name}: {} of {n} handled in time",
@@ -197,9 +215,10 @@ async fn one(
         )
     })?;
     match (state.first.get(), state.last.get()) {
-        (Some(first), Some(last)) if n > 1 && last > first => {
-            Ok((n - 1) as f64 / last.duration_since(*first).as_secs_f64())
-        }
+        (Some((t0, cpu0)), Some((t1, cpu1))) if n > 1 && t1 > t0 => Ok(Sample {
+            rate: (n - 1) as f64 / t1.duration_since(*t0).as_secs_f64(),
+            cpu: cpu1.saturating_sub(*cpu0).as_secs_f64() * 100_000.0 / (n - 1) as f64,
+        }),
         _ => Err(format!("{name}: no handling window measured").into()),
     }
 }
@@ -224,44 +243,54 @@ async fn cleanup(url: &str, queue: &Queue) {
 }
 
 /// Prints the section.
-pub fn report(results: &[(Flavor, Vec<f64>)], n: u64, prefetch: u16) {
-    println!("\n== 5. Optional layers, no-op handler, {n} msgs, prefetch {prefetch}: msg/s median and ratio to plain");
-    let plain = results
-        .iter()
-        .find(|(f, _)| *f == Flavor::Plain)
-        .map(|(_, r)| util::median(r))
-        .unwrap_or(f64::NAN);
-    for (flavor, rates) in results {
-        if rates.is_empty() {
+pub fn report(results: &[(Flavor, Vec<Sample>)], n: u64, prefetch: u16) {
+    println!(
+        "\n== 5. Optional layers, no-op handler, {n} msgs, prefetch {prefetch}, timed from the \
+         first to the last handler call: medians, and ratios to plain"
+    );
+    let medians = |flavor: Flavor| {
+        let samples = &results.iter().find(|(f, _)| *f == flavor)?.1;
+        if samples.is_empty() {
+            return None;
+        }
+        let rates: Vec<f64> = samples.iter().map(|s| s.rate).collect();
+        let cpus: Vec<f64> = samples.iter().map(|s| s.cpu).collect();
+        Some((util::median(&rates), util::median(&cpus)))
+    };
+    let plain = medians(Flavor::Plain).unwrap_or((f64::NAN, f64::NAN));
+    for (flavor, _) in results {
+        let Some((rate, cpu)) = medians(*flavor) else {
             println!(
                 "  {:>28} | skipped (store unavailable or failed)",
                 flavor.label()
             );
             continue;
-        }
-        let m = util::median(rates);
+        };
         println!(
-            "  {:>28} | {:>8.0} msg/s | {:.2}x plain",
+            "  {:>28} | {:>8.0} msg/s | {:.2}x plain | {:.2} CPU-s/100k | {:.2}x plain CPU",
             flavor.label(),
-            m,
-            m / plain
+            rate,
+            rate / plain.0,
+            cpu,
+            cpu / plain.1
         );
     }
-    if let (Some(on), Some(off)) = (
-        results
-            .iter()
-            .find(|(f, _)| *f == Flavor::Plain)
-            .map(|(_, r)| util::median(r)),
-        results
-            .iter()
-            .find(|(f, _)| *f == Flavor::Uninstrumented)
-            .map(|(_, r)| util::median(r)),
-    ) {
-        let pass = on / off >= 0.95;
+    if let (Some(on), Some(off)) = (medians(Flavor::Plain), medians(Flavor::Uninstrumented)) {
+        let pass = on.0 / off.0 >= 0.95;
         println!(
-            "  [{}] metrics+tracing on >= 0.95x of off: {:.2}x",
+            "  [{}] metrics+tracing on >= 0.95x of off: {:.2}x throughput ({:.2}x CPU per message)",
             if pass { "PASS" } else { "FAIL" },
-            on / off
+            on.0 / off.0,
+            on.1 / off.1
+        );
+    }
+    if let Some(dedup) = medians(Flavor::MemoryDedup) {
+        let pass = dedup.0 / plain.0 >= 0.9;
+        println!(
+            "  [{}] memory dedup >= 0.90x of plain: {:.2}x throughput ({:.2}x CPU per message)",
+            if pass { "PASS" } else { "FAIL" },
+            dedup.0 / plain.0,
+            dedup.1 / plain.1
         );
     }
 }
