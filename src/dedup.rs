@@ -154,12 +154,14 @@ pub struct MemoryStore<C: Clock = SystemClock> {
     clock: C,
 }
 
+type Ids = HashMap<Arc<str>, Entry>;
+
 /// Ids by scope (a handler: a few per process, found by a scan) and id (looked up by `&str`,
 /// so checking an id allocates nothing; a new id allocates its key once, shared with the
 /// eviction order). SipHash stays (ids come from outside), so lookups are kept few.
 #[derive(Default)]
 struct MemoryInner {
-    scopes: Vec<(Arc<str>, HashMap<Arc<str>, Entry>)>,
+    scopes: Vec<(Arc<str>, Ids)>,
     /// Insertion order with the expiry at insertion, for eviction and purging.
     order: VecDeque<(usize, Arc<str>, u64)>,
     len: usize,
