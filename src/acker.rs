@@ -135,7 +135,7 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>) {
                 _ = tokio::time::sleep_until(deadline) => {
                     ledger.release_stragglers(&mut frames);
                     straggler_deadline = None;
-                    send(&channel, &mut frames);
+                    send_written(&channel, &mut frames).await;
                     continue;
                 }
             },
@@ -156,7 +156,7 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>) {
         if !waiters.is_empty() {
             ledger.release_stragglers(&mut frames);
         }
-        send(&channel, &mut frames);
+        send_written(&channel, &mut frames).await;
         straggler_deadline = if ledger.has_stragglers() {
             straggler_deadline.or_else(|| Some(tokio::time::Instant::now() + STRAGGLER_WAIT))
         } else {
@@ -164,6 +164,39 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>) {
         };
         for waiter in waiters {
             let _ = waiter.send(());
+        }
+    }
+}
+
+/// Sends the frames and waits until each is written (the ack task's `flush` promises that;
+/// ordered partitions close their channel right after it).
+async fn send_written(channel: &Channel, frames: &mut Vec<Frame>) {
+    for frame in frames.drain(..) {
+        let result = match frame {
+            Frame::AckUpTo(tag) => {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+            }
+            Frame::AckOne(tag) => {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: false })
+                    .await
+            }
+            Frame::Requeue(tag) => {
+                channel
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "ack not sent; channel closed");
         }
     }
 }
@@ -249,6 +282,15 @@ impl AckBatch {
         self.ledger.advance(&mut self.frames);
         send(&self.channel, &mut self.frames);
         self.ledger.has_stragglers()
+    }
+
+    /// Acks everything finished and waits until it is written: before the channel or the
+    /// connection is closed (lapin may drop frames still queued on a closing channel).
+    pub(crate) async fn finish(&mut self) {
+        self.unflushed = 0;
+        self.ledger.advance(&mut self.frames);
+        self.ledger.release_stragglers(&mut self.frames);
+        send_written(&self.channel, &mut self.frames).await;
     }
 
     /// Acks finished tags one by one, even behind an unfinished one.

@@ -794,7 +794,7 @@ impl ConsumeLoop {
             }
             drop(running);
             for source in &mut self.sources {
-                source.acks.release_stragglers();
+                let _ = bounded(CLEANUP, source.acks.finish()).await;
             }
         };
         futures::join!(cancel, finish);

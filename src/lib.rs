@@ -47,9 +47,11 @@
 //!
 //! ## CPU-bound work
 //!
-//! Handlers run on the async runtime. Decode images, compress or hash large inputs inside
-//! [`tokio::task::spawn_blocking`] so that one heavy message cannot stall every other
-//! handler's I/O (see the `thumbnails` example crate).
+//! Handlers run on the async runtime, polled by their consumer's task (one per
+//! [`Queue::consumers`], by default one per core): no task is spawned per message. Decode
+//! images, compress or hash large inputs inside [`tokio::task::spawn_blocking`] so that one
+//! heavy message cannot stall the other messages of its consumer (see the `thumbnails`
+//! example crate).
 
 #![warn(missing_docs)]
 
