@@ -633,6 +633,28 @@ fn report(
             median(&others)
         );
     }
+    let publish = (!raw_pub.is_empty() && !client_pub.is_empty())
+        .then(|| median(&client_pub) / median(&raw_pub));
+    println!(
+        "  [{}] Client::publish throughput >= 0.90x raw: {}",
+        verdict(publish, publish.is_some_and(|r| r >= 0.9)),
+        ratio_cell(publish)
+    );
+    let rpc = rpc_stats
+        .get(Caller::Client.label())
+        .zip(rpc_stats.get(Caller::Raw.label()));
+    let rpc_p50 = rpc.map(|(cl, raw)| cl.0 / raw.0);
+    let rpc_rate = rpc.map(|(cl, raw)| cl.2 / raw.2);
+    println!(
+        "  [{}] RPC p50 <= 1.20x raw lapin:            {}",
+        verdict(rpc_p50, rpc_p50.is_some_and(|r| r <= 1.2)),
+        ratio_cell(rpc_p50)
+    );
+    println!(
+        "  [{}] RPC calls/s >= 0.90x raw lapin:        {}",
+        verdict(rpc_rate, rpc_rate.is_some_and(|r| r >= 0.9)),
+        ratio_cell(rpc_rate)
+    );
     println!(
         "  [{}] Running::stop() returned within {:?}: {} of {} calls hung",
         if stop_hangs == 0 { "PASS" } else { "FAIL" },
