@@ -168,66 +168,53 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>) {
     }
 }
 
-/// Sends the frames and waits until each is written (the ack task's `flush` promises that;
-/// ordered partitions close their channel right after it).
-async fn send_written(channel: &Channel, frames: &mut Vec<Frame>) {
-    for frame in frames.drain(..) {
-        let result = match frame {
-            Frame::AckUpTo(tag) => {
-                channel
-                    .basic_ack(tag, BasicAckOptions { multiple: true })
-                    .await
-            }
-            Frame::AckOne(tag) => {
-                channel
-                    .basic_ack(tag, BasicAckOptions { multiple: false })
-                    .await
-            }
-            Frame::Requeue(tag) => {
-                channel
-                    .basic_nack(
-                        tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await
-            }
-        };
-        if let Err(error) = result {
-            tracing::debug!(%error, "ack not sent; channel closed");
+/// The lapin call for one frame. Its first poll queues the frame for the I/O loop; the rest
+/// only waits for the socket write.
+async fn frame_sent(channel: &Channel, frame: Frame) -> Result<(), lapin::Error> {
+    match frame {
+        Frame::AckUpTo(tag) => {
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+        }
+        Frame::AckOne(tag) => {
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await
+        }
+        Frame::Requeue(tag) => {
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            channel.basic_nack(tag, requeue).await
         }
     }
 }
 
-/// Hands the frames to lapin without awaiting the write: the first poll of `basic_ack`
-/// queues the frame for the I/O loop; the rest of the future only waits for the socket
-/// write, which costs ~70 µs per call when awaited in line and tells us nothing we need
-/// (a channel that dies before the write makes the broker requeue those messages).
+fn not_sent(error: lapin::Error) {
+    // The channel is gone: the broker requeues everything unacked on it, and the supervisor
+    // reconnects. Nothing to do here.
+    tracing::debug!(%error, "ack not sent; channel closed");
+}
+
+/// Sends the frames and waits until each is written (the ack task's `flush` promises that;
+/// ordered partitions close their channel right after it).
+async fn send_written(channel: &Channel, frames: &mut Vec<Frame>) {
+    for frame in frames.drain(..) {
+        if let Err(error) = frame_sent(channel, frame).await {
+            not_sent(error);
+        }
+    }
+}
+
+/// Hands the frames to lapin without awaiting the write, which costs ~70 µs per call when
+/// awaited in line and tells us nothing we need (a channel that dies before the write makes
+/// the broker requeue those messages).
 fn send(channel: &Channel, frames: &mut Vec<Frame>) {
     for frame in frames.drain(..) {
-        let queued = match frame {
-            Frame::AckUpTo(tag) => channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .now_or_never(),
-            Frame::AckOne(tag) => channel
-                .basic_ack(tag, BasicAckOptions { multiple: false })
-                .now_or_never(),
-            Frame::Requeue(tag) => channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .now_or_never(),
-        };
-        if let Some(Err(error)) = queued {
-            // The channel is gone: the broker requeues everything unacked on it, and the
-            // supervisor reconnects. Nothing to do here.
-            tracing::debug!(%error, "ack not sent; channel closed");
+        if let Some(Err(error)) = frame_sent(channel, frame).now_or_never() {
+            not_sent(error);
         }
     }
 }

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use cottontail::lapin::options::QueueDeclareOptions;
-use cottontail::lapin::types::FieldTable;
 use cottontail::{App, Json, Queue, State};
 use serde::Deserialize;
 
@@ -43,21 +41,22 @@ fn jobs(n: usize, sleep_ms: u64) -> Vec<(Vec<u8>, cottontail::lapin::BasicProper
         .collect()
 }
 
-async fn consumers_on(conn: &cottontail::lapin::Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = ch.close(200, "".into()).await;
-    q.consumer_count()
+/// Starts the app on `queue` with a fresh gauge, then publishes `items` to it.
+async fn run_with(
+    queue: Queue,
+    items: Vec<(Vec<u8>, cottontail::lapin::BasicProperties)>,
+) -> (cottontail::Running, Gauge, cottontail::lapin::Connection) {
+    let gauge = Gauge::default();
+    let name = queue.name().to_owned();
+    let app = start(
+        App::new(gauge.clone()).handler(queue, work),
+        &unique("conn"),
+    )
+    .await;
+    let conn = connect(&unique("publisher")).await;
+    let ch = confirm_channel(&conn).await;
+    publish_many(&ch, &name, items).await;
+    (app, gauge, conn)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,20 +67,12 @@ async fn concurrency_is_a_ceiling_across_the_consumers_of_a_queue() {
         .concurrency(5)
         .prefetch(10)
         .consumers(2);
-    let gauge = Gauge::default();
-    let app = start(
-        App::new(gauge.clone()).handler(queue, work),
-        &unique("conn"),
-    )
-    .await;
-    let conn = connect(&unique("publisher")).await;
+    let (app, gauge, conn) = run_with(queue, jobs(60, 25)).await;
     assert_eq!(
-        consumers_on(&conn, &name).await,
+        queue_counts(&conn, &name).await.1,
         2,
         "one channel per consumer"
     );
-    let ch = confirm_channel(&conn).await;
-    publish_many(&ch, &name, jobs(60, 25)).await;
 
     let done = gauge.done.clone();
     wait_until(Duration::from_secs(30), "60 handled", move || {
@@ -108,17 +99,9 @@ async fn a_slow_message_does_not_hold_back_the_acks_of_later_ones() {
         .concurrency(2)
         .prefetch(2)
         .consumers(1);
-    let gauge = Gauge::default();
-    let app = start(
-        App::new(gauge.clone()).handler(queue, work),
-        &unique("conn"),
-    )
-    .await;
-    let conn = connect(&unique("publisher")).await;
-    let ch = confirm_channel(&conn).await;
     let mut items = vec![(br#"{"id":"slow","sleep_ms":8000}"#.to_vec(), json_props())];
     items.extend(jobs(30, 0));
-    publish_many(&ch, &name, items).await;
+    let (app, gauge, _conn) = run_with(queue, items).await;
 
     let done = gauge.done.clone();
     wait_until(

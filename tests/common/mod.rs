@@ -271,6 +271,11 @@ where
 
 /// Messages ready in a queue (passive declare).
 pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
+    queue_counts(conn, queue).await.0
+}
+
+/// Messages ready in a queue and its consumers (passive declare).
+pub async fn queue_counts(conn: &Connection, queue: &str) -> (u32, u32) {
     let ch = conn.create_channel().await.unwrap();
     let q = ch
         .queue_declare(
@@ -284,7 +289,7 @@ pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
         .await
         .unwrap();
     let _ = ch.close(200, "".into()).await;
-    q.message_count()
+    (q.message_count(), q.consumer_count())
 }
 
 pub fn header_str(d: &Received, key: &str) -> Option<String> {
