@@ -3,6 +3,8 @@
 //! lost connection.
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -297,6 +299,82 @@ async fn publishing_to_a_missing_queue_is_unroutable() {
 
     client.close().await;
     delete_queues_quietly(&[name]).await;
+    })
+    .await;
+}
+
+/// Set to end `flood`'s stream of progress updates.
+static FLOOD_STOP: AtomicBool = AtomicBool::new(false);
+
+/// Sends progress updates back to back until told to stop.
+async fn flood(progress: Progress, Json(_): Json<Value>) -> Result<Json<Value>, HandlerError> {
+    let mut sent = 0u64;
+    while !FLOOD_STOP.load(Ordering::Relaxed) && sent < 1_000_000 {
+        progress.send(&json!({ "n": sent })).await?;
+        sent += 1;
+    }
+    Ok(Json(json!({ "sent": sent })))
+}
+
+/// Requests are not confirmed one by one, so an unroutable one is found among the returns the
+/// broker sends; a steady stream of replies on the same client must not starve that check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_request_fails_at_once_while_replies_stream_in() {
+    bounded(LIMIT, async {
+        let name = unique("rpc-flood");
+        let queue = Queue::new(&name).expires(EXPIRES);
+        let app = start(App::new(()).handler(queue.clone(), flood), &unique("app")).await;
+        let client = client(&unique("client")).await;
+        let missing = unique("missing");
+
+        let mut streaming = client
+            .request_with_progress(&name, b"{}", RequestOptions::timeout(Duration::from_secs(120)))
+            .await
+            .expect("the flood call is sent");
+        let received = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let received = received.clone();
+            tokio::spawn(async move {
+                while streaming.next_progress().await.is_some() {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+                streaming.result().await
+            })
+        };
+        wait_until(Duration::from_secs(30), "progress updates streaming", || async {
+            received.load(Ordering::Relaxed) > 200
+        })
+        .await;
+
+        // Well under the time the busy stream would run: a starved check ends in a timeout.
+        let short = RequestOptions::timeout(Duration::from_secs(5));
+        let plain = client.request(&missing, b"{}", short.clone()).await;
+        assert!(
+            matches!(&plain, Err(RpcError::Publish(PublishError::Unroutable { routing_key, .. })) if *routing_key == missing),
+            "{plain:?}"
+        );
+        let mut call = client
+            .request_with_progress(&missing, b"{}", short)
+            .await
+            .expect("the request is sent");
+        assert_eq!(call.next_progress().await, None);
+        let result = call.result().await;
+        assert!(
+            matches!(&result, Err(RpcError::Publish(PublishError::Unroutable { .. }))),
+            "{result:?}"
+        );
+
+        assert!(
+            !reader.is_finished(),
+            "the progress stream ended before the unroutable calls did"
+        );
+        FLOOD_STOP.store(true, Ordering::Relaxed);
+        let done = reader.await.unwrap().expect("the flood call ends with a reply");
+        let done: Value = serde_json::from_slice(&done).unwrap();
+        assert!(done["sent"].as_u64().unwrap() > 200, "{done}");
+        client.close().await;
+        app.stop().await.unwrap();
+        delete_queues_quietly(&handler_queues(&queue, &RetryPolicy::default())).await;
     })
     .await;
 }
