@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
 use crate::error::HandlerError;
@@ -11,6 +12,7 @@ use crate::message::Message;
 use crate::publisher::PublishError;
 use crate::retry::{self, RetryPolicy};
 use crate::topology::DEAD_LETTER_EXCHANGE;
+use crate::trace_context::TRACEPARENT;
 
 /// Publishes the message to `<queue>.dlq` (through the dead-letter exchange) with `x-error`,
 /// `x-error-kind`, `x-attempts` and `x-handler`.
@@ -19,7 +21,7 @@ pub(crate) async fn dead_letter(
     error: &HandlerError,
     attempts: u32,
 ) -> Result<(), PublishError> {
-    let mut table = headers::without(msg.headers(), &[headers::LAST_ERROR]);
+    let mut table = copy_headers(msg, &[headers::LAST_ERROR]);
     headers::set_string(&mut table, headers::ERROR, error.message());
     headers::set_string(&mut table, headers::ERROR_KIND, error.kind());
     headers::set_int(&mut table, headers::ATTEMPTS, u64::from(attempts));
@@ -44,10 +46,7 @@ pub(crate) async fn schedule_retry(
     policy: &RetryPolicy,
     delay: Duration,
 ) -> Result<(), PublishError> {
-    let mut table = headers::without(
-        msg.headers(),
-        &[headers::DELIVERY_COUNT, headers::REDELIVERIES],
-    );
+    let mut table = copy_headers(msg, &[headers::DELIVERY_COUNT, headers::REDELIVERIES]);
     headers::set_int(&mut table, headers::ATTEMPTS, u64::from(msg.attempt()));
     headers::set_string(&mut table, headers::LAST_ERROR, error.to_string());
     let ttl = policy.jittered(delay).as_millis().max(1);
@@ -72,10 +71,7 @@ pub(crate) async fn park(
     delay: Duration,
     held_since_ms: Option<u64>,
 ) -> Result<(), PublishError> {
-    let mut table = headers::without(
-        msg.headers(),
-        &[headers::DELIVERY_COUNT, headers::REDELIVERIES],
-    );
+    let mut table = copy_headers(msg, &[headers::DELIVERY_COUNT, headers::REDELIVERIES]);
     if let Some(since) = held_since_ms {
         headers::set_int(&mut table, headers::HELD_SINCE, since);
     }
@@ -93,10 +89,7 @@ pub(crate) async fn park(
 
 /// Moves the message, intact, to `queue` (an ordered handler's partition).
 pub(crate) async fn forward(msg: &Message, queue: &str) -> Result<(), PublishError> {
-    let table = headers::without(
-        msg.headers(),
-        &[headers::DELIVERY_COUNT, headers::REDELIVERIES],
-    );
+    let table = copy_headers(msg, &[headers::DELIVERY_COUNT, headers::REDELIVERIES]);
     let properties = republish_properties(msg.properties()).with_headers(table);
     msg.publisher()
         .publish("", queue, msg.body(), properties, true)
@@ -106,12 +99,23 @@ pub(crate) async fn forward(msg: &Message, queue: &str) -> Result<(), PublishErr
 /// Re-enqueues a redelivered message on a classic queue with its redelivery count bumped, so
 /// crash loops are counted without `x-delivery-count` (quorum queues only).
 pub(crate) async fn requeue_counted(msg: &Message, redeliveries: u64) -> Result<(), PublishError> {
-    let mut table = headers::without(msg.headers(), &[]);
+    let mut table = copy_headers(msg, &[]);
     headers::set_int(&mut table, headers::REDELIVERIES, redeliveries);
     let properties = republish_properties(msg.properties()).with_headers(table);
     msg.publisher()
         .publish("", msg.queue(), msg.body(), properties, true)
         .await
+}
+
+/// The message's headers minus `drop`. A message that came without `traceparent` gets this
+/// handling's, so its later attempts (and a replay from the DLQ) join one trace instead of
+/// each starting their own.
+fn copy_headers(msg: &Message, drop: &[&str]) -> FieldTable {
+    let mut table = headers::without(msg.headers(), drop);
+    if !table.contains_key(TRACEPARENT) {
+        headers::set_string(&mut table, TRACEPARENT, msg.trace().to_string());
+    }
+    table
 }
 
 /// The original properties minus `expiration` (a TTL must not follow a copy around) and

@@ -31,6 +31,7 @@ use crate::publisher::PublishError;
 use crate::queue::{Queue, QueueType};
 use crate::reply::{self, Status};
 use crate::status::RecentDeadLetters;
+use crate::trace_context::Hex;
 
 /// How a message left the pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,11 +112,12 @@ impl Worker {
             "message",
             handler = %msg.handler(),
             queue = %msg.queue(),
-            message_id = msg.message_id().unwrap_or(""),
-            correlation_id = msg.correlation_id().unwrap_or(""),
+            // Absent ids are left out rather than recorded empty.
+            message_id = msg.message_id(),
+            correlation_id = msg.correlation_id(),
             attempt = msg.attempt(),
-            trace_id = %TraceIdHex(msg.trace().trace_id),
-            span_id = %SpanIdHex(msg.trace().span_id),
+            trace_id = %Hex::<32>(msg.trace().trace_id),
+            span_id = %Hex::<16>(msg.trace().span_id.into()),
         )
     }
 
@@ -481,20 +483,4 @@ impl Worker {
 
 fn error_json(error: &HandlerError) -> serde_json::Value {
     serde_json::json!({"kind": error.kind(), "message": error.message()})
-}
-
-/// Hex renderings that format straight into the subscriber's buffer (no per-message String).
-struct TraceIdHex(u128);
-struct SpanIdHex(u64);
-
-impl std::fmt::Display for TraceIdHex {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-
-impl std::fmt::Display for SpanIdHex {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
 }

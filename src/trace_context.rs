@@ -87,22 +87,44 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        Hex::<32>(self.trace_id).to_string()
     }
 
     /// The span id as 16 lowercase hex digits.
     pub fn span_id_hex(&self) -> String {
-        format!("{:016x}", self.span_id)
+        Hex::<16>(self.span_id.into()).to_string()
     }
 }
 
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        )
+        // Written into one buffer: this runs for every reply and every message span.
+        let mut buf = *b"00-________________________________-________________-__";
+        write_hex(self.trace_id, &mut buf[3..35]);
+        write_hex(self.span_id.into(), &mut buf[36..52]);
+        write_hex(self.flags.into(), &mut buf[53..55]);
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// An id shown as `DIGITS` lowercase hex digits, zero-padded; cheaper than `{:032x}`, which
+/// matters because every message span records two of them.
+pub(crate) struct Hex<const DIGITS: usize>(pub u128);
+
+impl<const DIGITS: usize> fmt::Display for Hex<DIGITS> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; DIGITS];
+        write_hex(self.0, &mut buf);
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// Writes the low `out.len()` hex digits of `value` into `out`, most significant first.
+fn write_hex(value: u128, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let n = out.len();
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = DIGITS[((value >> (4 * (n - 1 - i))) & 0xf) as usize];
     }
 }
 
@@ -134,6 +156,19 @@ mod tests {
         ] {
             assert!(TraceContext::parse(bad).is_none(), "{bad}");
         }
+        let small = TraceContext {
+            trace_id: 0xab,
+            span_id: 1,
+            flags: 0,
+        };
+        assert_eq!(
+            small.to_string(),
+            "00-000000000000000000000000000000ab-0000000000000001-00"
+        );
+        assert_eq!(
+            Hex::<32>(u128::MAX).to_string(),
+            "ffffffffffffffffffffffffffffffff"
+        );
         let child = TraceContext::parse(s).unwrap().child();
         assert_eq!(child.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(child.span_id_hex(), "00f067aa0ba902b7");
