@@ -798,6 +798,13 @@ impl ConsumeLoop {
             }
         };
         futures::join!(cancel, finish);
+        // Closed here, not by lapin when the last handle drops: that close would race the
+        // connection close that follows and could leave it unresolved (a hung stop).
+        let closes = self
+            .sources
+            .iter()
+            .map(|s| bounded(CLEANUP, s.channel.close(200, "stopped".into())));
+        futures::future::join_all(closes).await;
     }
 
     fn unflushed(&self) -> bool {
