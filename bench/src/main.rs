@@ -62,6 +62,13 @@ struct Args {
     /// Skip the optional-layer section (metrics off, dedup, ordering).
     #[arg(long)]
     skip_overhead: bool,
+    /// Optional-layer flavors to run: plain, off, memory, redis, ordered.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "plain,off,memory,redis,ordered"
+    )]
+    layers: Vec<String>,
     /// Wall-time budget in seconds: a consume round that would not fit (judged by the
     /// slowest round so far, plus the RPC part) is not started. 0 = no limit.
     #[arg(long, default_value_t = 280)]
@@ -97,6 +104,13 @@ async fn run(args: Args) -> Res<()> {
         .collect();
     if variants.is_empty() || args.rounds == 0 || args.messages == 0 {
         return Err("nothing to run: check --variants, --rounds and --messages".into());
+    }
+    if let Some(bad) = args
+        .layers
+        .iter()
+        .find(|l| !overhead::Flavor::ALL.iter().any(|f| f.key() == l.trim()))
+    {
+        return Err(format!("unknown layer '{bad}': plain, off, memory, redis or ordered").into());
     }
     let broker = util::broker_version(&args.url)
         .await
@@ -257,10 +271,16 @@ async fn run(args: Args) -> Res<()> {
         let _ = tracing::subscriber::set_global_default(
             tracing_subscriber::fmt()
                 .with_writer(std::io::sink)
+                // As a service logging to a file or a container's stdout: no colour codes.
+                .with_ansi(false)
                 .with_max_level(tracing::Level::INFO)
                 .finish(),
         );
-        overhead::run(&args.url, overhead_messages, 1000, args.rounds).await?
+        let flavors: Vec<overhead::Flavor> = overhead::Flavor::ALL
+            .into_iter()
+            .filter(|f| args.layers.iter().any(|l| l.trim() == f.key()))
+            .collect();
+        overhead::run(&args.url, &flavors, overhead_messages, 1000, args.rounds).await?
     };
     if let Ok(admin) = util::connect(&args.url, "bench-cleanup").await {
         consume::delete_queues(&admin, &variants, &args.prefetch).await;

@@ -36,6 +36,17 @@ impl Flavor {
         Flavor::Ordered,
     ];
 
+    /// The name `--layers` takes.
+    pub fn key(self) -> &'static str {
+        match self {
+            Flavor::Plain => "plain",
+            Flavor::Uninstrumented => "off",
+            Flavor::MemoryDedup => "memory",
+            Flavor::RedisDedup => "redis",
+            Flavor::Ordered => "ordered",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Flavor::Plain => "plain (metrics + spans on)",
@@ -109,6 +120,7 @@ fn queue_for(
 /// flavor always follows the same one) with `n` messages; returns the samples per flavor.
 pub async fn run(
     url: &str,
+    flavors: &[Flavor],
     n: u64,
     prefetch: u16,
     rounds: usize,
@@ -118,12 +130,12 @@ pub async fn run(
         .await
         .ok();
     let mut results: Vec<(Flavor, Vec<Sample>)> =
-        Flavor::ALL.iter().map(|f| (*f, Vec::new())).collect();
+        flavors.iter().map(|f| (*f, Vec::new())).collect();
     // Deleted at the end, not between runs (see `consume::queue_name`).
     let mut used = Vec::new();
     for round in 1..=rounds {
         let mut order: Vec<_> = results.iter_mut().collect();
-        order.rotate_left((round - 1) % Flavor::ALL.len());
+        order.rotate_left((round - 1) % flavors.len().max(1));
         for (flavor, samples) in order {
             if *flavor == Flavor::RedisDedup && redis.is_none() {
                 continue;

@@ -109,7 +109,10 @@ async fn run() -> Result<(), cottontail::Error> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes only for a terminal: not in container logs or files.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if std::env::var("COTTONTAIL_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
