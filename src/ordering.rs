@@ -274,6 +274,7 @@ pub(crate) async fn balance(
     };
     let mut owned: HashMap<u16, Owned> = HashMap::new();
     let offset = fastrand::u16(..ordering.partitions);
+    let instance = make_worker().owner;
     loop {
         owned.retain(|_, o| !o.handle.is_finished());
         let live = count_consumers(&connection, &members)
@@ -282,13 +283,28 @@ pub(crate) async fn balance(
             .max(1);
         let fair = usize::from(ordering.partitions).div_ceil(live as usize);
         // Standby: we subscribed at the same moment as another instance and the broker made
-        // the other one active. Step back so the partition counts once.
+        // the other one active. Step back so the partition counts once. The broker cannot
+        // tell us: a quorum queue's consumer count leaves out waiting single-active consumers.
+        // So a partition that never delivered to us is given up when a partition has no
+        // consumer at all: held as a standby it would keep that one unowned for good.
         let mut standby = Vec::new();
+        let mut orphans: Option<bool> = None;
         for (p, o) in &owned {
-            if !o.active.load(std::sync::atomic::Ordering::Relaxed)
-                && o.since.elapsed() >= ordering.rebalance
-                && count_consumers(&connection, &partition_queue(&queue, *p)).await != Ok(1)
+            if o.active.load(std::sync::atomic::Ordering::Relaxed)
+                || o.since.elapsed() < ordering.rebalance
             {
+                continue;
+            }
+            let orphaned = match orphans {
+                Some(known) => known,
+                None => {
+                    let known =
+                        any_unconsumed(&connection, &queue, ordering.partitions, &owned).await;
+                    orphans = Some(known);
+                    known
+                }
+            };
+            if orphaned {
                 standby.push(*p);
             }
         }
@@ -311,7 +327,7 @@ pub(crate) async fn balance(
             if let Some(o) = owned.remove(&p) {
                 o.release.cancel();
                 let _ = bounded(CLEANUP * 2, o.handle).await;
-                tracing::info!(queue, partition = p, "released partition");
+                tracing::info!(%instance, queue, partition = p, "released partition");
             }
         }
         if owned.len() < fair {
@@ -359,7 +375,7 @@ pub(crate) async fn balance(
                                 since,
                             },
                         );
-                        tracing::info!(queue, partition = p, "consumes partition");
+                        tracing::info!(%instance, queue, partition = p, "consumes partition");
                     }
                     Err(error) => {
                         tracing::debug!(%error, partition = p, "cannot consume partition");
@@ -405,6 +421,21 @@ async fn join_members(
         )
         .await?;
     Ok((channel, consumer))
+}
+
+/// Whether a partition we do not own has no consumer at all.
+async fn any_unconsumed(
+    connection: &Connection,
+    queue: &str,
+    partitions: u16,
+    owned: &HashMap<u16, Owned>,
+) -> bool {
+    for p in (0..partitions).filter(|p| !owned.contains_key(p)) {
+        if count_consumers(connection, &partition_queue(queue, p)).await == Ok(0) {
+            return true;
+        }
+    }
+    false
 }
 
 async fn count_consumers(connection: &Connection, queue: &str) -> Result<u32, ()> {
