@@ -5,9 +5,9 @@
 //! outstanding call of a [`Client`]; replies are routed to their call by `correlation_id`.
 //!
 //! Requests are published `mandatory` but without publisher confirms: the reply itself proves
-//! the broker took the request, and a confirm per call costs the broker ~10 % of its RPC
-//! throughput. An unroutable request (no such queue) still fails fast: the broker returns it,
-//! and the reply consumer's task fails the call when it sees the return.
+//! the broker took the request, so a confirm per call would be broker work that tells the
+//! caller nothing more. An unroutable request (no such queue) still fails fast: the broker
+//! returns it, and the reply consumer's task fails the call when it sees the return.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
