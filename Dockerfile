@@ -2,7 +2,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p cottontail-demo -p cottontail --bins
+RUN cargo build --release -p cottontail-demo -p cottontail-cli --bins
 
 FROM debian:bookworm-slim
 RUN apt-get update \

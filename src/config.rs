@@ -3,10 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::connection::DEFAULT_AMQP_URL;
 use crate::Error;
-
-/// Default broker URL.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Where to connect, where to serve HTTP, how long to drain.
 #[derive(Clone)]
@@ -21,6 +19,9 @@ pub struct Config {
     pub connection_name: String,
     /// PEM file of a private CA to trust for `amqps://` (`AMQP_TLS_CA_FILE`).
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Bearer token required by `/jobs/*`, `/api/*` and `/status.json`
+    /// (`COTTONTAIL_API_TOKEN`). Without one they are served on a loopback address only.
+    pub api_token: Option<String>,
 }
 
 impl Config {
@@ -32,11 +33,13 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             connection_name: default_name(),
             tls_ca_file: None,
+            api_token: None,
         }
     }
 
-    /// Reads `AMQP_URL`, `COTTONTAIL_HTTP_ADDR` (default `127.0.0.1:9090`; empty disables)
-    /// and `COTTONTAIL_SHUTDOWN_TIMEOUT` (seconds, default 30).
+    /// Reads `AMQP_URL`, `COTTONTAIL_HTTP_ADDR` (default `127.0.0.1:9090`; empty disables),
+    /// `COTTONTAIL_SHUTDOWN_TIMEOUT` (seconds, default 30), `AMQP_TLS_CA_FILE`,
+    /// `COTTONTAIL_CONNECTION_NAME` and `COTTONTAIL_API_TOKEN` (empty = unset).
     pub fn from_env() -> Result<Self, Error> {
         let mut config =
             Self::new(std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned()));
@@ -72,6 +75,11 @@ impl Config {
         if let Ok(name) = std::env::var("COTTONTAIL_CONNECTION_NAME") {
             config.connection_name = name;
         }
+        if let Ok(token) = std::env::var("COTTONTAIL_API_TOKEN") {
+            if !token.trim().is_empty() {
+                config.api_token = Some(token.trim().to_owned());
+            }
+        }
         Ok(config)
     }
 
@@ -93,9 +101,10 @@ impl Config {
         self
     }
 
-    /// Builds the [`Connector`](crate::Connector) this configuration describes.
-    pub fn connector(&self) -> Result<crate::Connector, Error> {
-        let connector = crate::Connector::new(&self.amqp_url, self.connection_name.clone())?;
+    /// Builds the [`Connector`](crate::connection::Connector) this configuration describes.
+    pub fn connector(&self) -> Result<crate::connection::Connector, Error> {
+        let connector =
+            crate::connection::Connector::new(&self.amqp_url, self.connection_name.clone())?;
         match &self.tls_ca_file {
             Some(path) => {
                 let pem = std::fs::read_to_string(path).map_err(|e| {
@@ -105,6 +114,12 @@ impl Config {
             }
             None => Ok(connector),
         }
+    }
+
+    /// Requires `Authorization: Bearer <token>` on `/jobs/*`, `/api/*` and `/status.json`.
+    pub fn api_token(mut self, token: impl Into<String>) -> Self {
+        self.api_token = Some(token.into());
+        self
     }
 
     /// Sets the connection name (tests use it to close only their own connection).
@@ -118,11 +133,12 @@ impl std::fmt::Debug for Config {
     // By hand: the URLs hold passwords.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("amqp_url", &crate::redact(&self.amqp_url))
+            .field("amqp_url", &crate::connection::redact(&self.amqp_url))
             .field("http_addr", &self.http_addr)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("connection_name", &self.connection_name)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("api_token", &self.api_token.as_ref().map(|_| "***"))
             .finish()
     }
 }

@@ -16,8 +16,10 @@ pub enum Disposition {
 /// A handler failure: a machine-readable `kind`, a human-readable `message` and a
 /// [`Disposition`].
 ///
-/// Any `std::error::Error` converts into a *transient* `HandlerError` (kind `error`), so `?`
-/// works in handlers; say [`HandlerError::permanent`] when retrying cannot help.
+/// Any error converts into a *transient* `HandlerError` (kind `error`): every
+/// `std::error::Error + Send + Sync`, `anyhow::Error`, `Box<dyn Error + Send + Sync>` and
+/// `String`, so `?` works in handlers; say [`HandlerError::permanent`] when retrying cannot
+/// help.
 ///
 /// ```
 /// use cottontail::HandlerError;
@@ -94,8 +96,12 @@ impl fmt::Display for HandlerError {
     }
 }
 
-impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+/// Everything that converts into a boxed error — any `std::error::Error + Send + Sync`,
+/// `anyhow::Error`, `Box<dyn Error + Send + Sync>`, `String`, `&str` — is a transient failure,
+/// so `?` works in handlers whatever error type the code around them uses.
+impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for HandlerError {
     fn from(error: E) -> Self {
+        let error: Box<dyn std::error::Error + Send + Sync> = error.into();
         let mut message = error.to_string();
         let mut source = error.source();
         while let Some(cause) = source {
@@ -122,14 +128,47 @@ pub enum Error {
     Broker(String),
     /// Publishing failed (nacked, unroutable or connection lost).
     #[error(transparent)]
-    Publish(#[from] crate::publisher::PublishError),
+    Publish(#[from] PublishError),
     /// Binding the HTTP port failed.
     #[error("http: {0}")]
     Http(#[from] std::io::Error),
+    /// A store (dedup, job status, sequences) failed, e.g. while connecting at startup.
+    #[error(transparent)]
+    Store(#[from] crate::stores::StoreError),
+    /// A message could not be encoded as JSON.
+    #[error("encoding: {0}")]
+    Encode(String),
+    /// A task of the framework ended unexpectedly (a panic): a bug, not a setting.
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl Error {
     pub(crate) fn broker(error: lapin::Error) -> Self {
-        Error::Broker(crate::connection::redact(&error.to_string()))
+        Error::Broker(crate::redact::redact(&error.to_string()))
     }
+}
+
+/// Why a publish did not make it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused the message (negative confirm).
+    #[error("the broker nacked the message")]
+    Nacked,
+    /// `mandatory` was set and no queue was bound for the routing key.
+    #[error(
+        "unroutable: no queue bound for exchange '{exchange}' and routing key '{routing_key}'"
+    )]
+    Unroutable {
+        /// Target exchange ("" is the default exchange).
+        exchange: String,
+        /// Routing key (the queue name on the default exchange).
+        routing_key: String,
+    },
+    /// The routing key or exchange name is longer than AMQP allows (255 bytes).
+    #[error("name too long for AMQP: {0}")]
+    InvalidName(String),
+    /// The connection or channel failed before the confirm arrived.
+    #[error("connection: {0}")]
+    Connection(String),
 }

@@ -7,10 +7,10 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::client::reply;
 use crate::error::HandlerError;
 use crate::headers;
 use crate::message::Message;
-use crate::reply;
 
 /// Builds a handler argument from the message (and the app state).
 ///
@@ -29,6 +29,13 @@ use crate::reply;
 ///     }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler argument: it is not an extractor (`FromMessage<{S}>`)",
+    label = "not an extractor",
+    note = "handler arguments are extractors: `Json<T>` for the body (`Json<String>` for a JSON \
+            string), `State<T>`, `Message`, `Attempt`, `MessageId`, `CorrelationId`, `Priority`, \
+            `Sequence`, `Progress`, `Outbox`, `TraceContext`, or your own `impl FromMessage<S>`"
+)]
 pub trait FromMessage<S>: Sized {
     /// Extracts the value, or says why the message does not fit this handler.
     fn from_message(msg: &Message, state: &S) -> Result<Self, HandlerError>;
@@ -83,6 +90,12 @@ impl<S, T: FromRef<S>> FromMessage<S> for State<T> {
 ///     fn from_ref(state: &AppState) -> Self { state.orders.clone() }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`State<{Self}>` needs a `{Self}` from the app state `{S}`, and there is none (no `FromRef<{S}>` for `{Self}`)",
+    label = "no `{Self}` in the app state",
+    note = "`State<T>` takes the whole state given to `App::new` (`T` = `{S}`), or a part of it: \
+            `impl FromRef<{S}> for {Self} {{ fn from_ref(state: &{S}) -> Self {{ state.field.clone() }} }}`"
+)]
 pub trait FromRef<S> {
     /// Clones the part out of the state.
     fn from_ref(state: &S) -> Self;
@@ -202,11 +215,11 @@ impl<S> FromMessage<S> for Progress {
 
 /// Publishes further messages with publisher confirms, on the handler's connection.
 ///
-/// Awaiting [`Outbox::publish`] returns once the broker confirmed, so a handler that forwards
+/// Awaiting [`Outbox::send_json`] returns once the broker confirmed, so a handler that forwards
 /// work and then returns `Ok` never acks its input before its output is safe.
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    publisher: crate::publisher::Publisher,
+    publisher: crate::client::Publisher,
     trace: crate::TraceContext,
 }
 
@@ -217,7 +230,7 @@ impl Outbox {
         let mut table = lapin::types::FieldTable::default();
         headers::set_string(
             &mut table,
-            crate::TRACEPARENT,
+            crate::ops::TRACEPARENT,
             self.trace.child().to_string(),
         );
         self.publisher
@@ -231,7 +244,7 @@ impl Outbox {
     }
 
     /// The underlying publisher, for full control over exchange, routing key and properties.
-    pub fn publisher(&self) -> &crate::publisher::Publisher {
+    pub fn publisher(&self) -> &crate::client::Publisher {
         &self.publisher
     }
 }

@@ -27,6 +27,10 @@ pub const REDELIVERIES: &str = "x-redeliveries";
 pub const HELD_SINCE: &str = "x-held-since";
 /// The last transient error, carried on retry copies for operators browsing retry queues.
 pub const LAST_ERROR: &str = "x-last-error";
+/// Header cottontail adds to a delivered message whose properties held invalid UTF-8; its
+/// value names the fields (e.g. `message_id, header name`). Reserved: a message published with
+/// it is dead-lettered the same way.
+pub const INVALID_UTF8: &str = "x-invalid-utf8";
 
 /// Reads a header as a non-negative integer, whatever integer type or numeric string the
 /// publisher used.

@@ -45,6 +45,12 @@
 //!
 //! Acks are coalesced (`multiple=true`) but never cover an unfinished message.
 //!
+//! ## Testing handlers
+//!
+//! [`testing`] runs a handler, with its state and queue settings, through this same pipeline
+//! in process: no broker, and every publish (reply, progress, retry or dead-letter copy,
+//! [`Outbox`] message) recorded for the test to check.
+//!
 //! ## CPU-bound work
 //!
 //! Handlers run on the async runtime, polled by their consumer's task (one per
@@ -52,66 +58,71 @@
 //! images, compress or hash large inputs inside [`tokio::task::spawn_blocking`] so that one
 //! heavy message cannot stall the other messages of its consumer (see the `thumbnails`
 //! example crate).
+//!
+//! ## Module map
+//!
+//! What a handler crate uses is at the root: [`App`], [`Queue`] and its settings, the
+//! extractors, [`HandlerError`]. The rest, by concern (dependencies run one way: `names` ←
+//! settings ← `runtime`; no module imports one that imports it back):
+//!
+//! | concern | where |
+//! |---|---|
+//! | the app builder and a started app | `app.rs` ([`App`], [`Running`]) |
+//! | handlers, middleware | `handler/` ([`Handler`], [`from_fn`], [`Middleware`]) |
+//! | extractors, return values, errors | `extract.rs`, `outcome.rs`, `error.rs` |
+//! | the message a handler sees | `message.rs` ([`Message`]) |
+//! | per-handler settings | `queue/` ([`Queue`], [`RetryPolicy`], [`Bands`], [`Ordering`], [`Dedup`]) |
+//! | schedules | `schedule.rs` ([`Schedule`], [`Tick`]) |
+//! | broker names of every queue and exchange | [`names`] |
+//! | header names of the message contract | [`headers`] |
+//! | dedup, job-status and sequence stores | [`stores`] (memory, Redis, PostgreSQL) |
+//! | producers: publish, RPC calls, replies | [`client`] |
+//! | connecting (URLs, TLS, the frame guard) | [`connection`] |
+//! | HTTP, health, metrics, status page, trace context | [`ops`] |
+//! | how it runs (crate-private) | `runtime/`: `supervisor` → `session` → `consume` loops → `pipeline/` (`guards` → `dedup` → `run` → `actions`) → `acker`; `copies` (retry, DLQ, park), `topology`, `job_writer`, `scheduler/`, `ordered/` (`balance`, `partition`, `resequencer`) |
+//!
+//! The external contracts (headers, replies, DLQ headers, queue names, HTTP, CLI) are in
+//! `docs/contracts.md`.
 
 #![warn(missing_docs)]
 
-mod acker;
 mod app;
 pub mod client;
 mod config;
-mod connection;
-mod dead_letter;
-pub mod dedup;
+pub mod connection;
 mod error;
 mod extract;
 mod handler;
 pub mod headers;
-mod health;
-mod http;
-mod jobs;
 mod message;
-mod metrics;
-mod ordering;
+pub mod names;
+pub mod ops;
 mod outcome;
-mod pipeline;
-mod publisher;
 mod queue;
-pub mod reply;
-mod resequencer;
-mod retry;
+mod redact;
+mod runtime;
 mod schedule;
-mod status;
 pub mod stores;
-mod topology;
-mod trace_context;
+pub mod testing;
 
 pub use app::{App, Running};
-pub use client::{Call, Client, ClientBuilder, PublishOptions, RequestOptions, RpcError};
-pub use config::{Config, DEFAULT_AMQP_URL};
-pub use connection::{redact, Connector};
-pub use dead_letter::republish_properties;
-pub use dedup::{Dedup, DedupStore, MemoryStore};
+pub use config::Config;
 pub use error::{Disposition, Error, HandlerError};
 pub use extract::{
     Attempt, CorrelationId, FromMessage, FromRef, Json, MessageId, Outbox, Priority, Progress,
     Sequence, State,
 };
-pub use handler::{from_fn, BoxFuture, Handler, Layer, Next, Service};
-pub use health::Health;
-pub use jobs::{JobStatus, JobStore, MemoryJobs};
+pub use handler::{from_fn, BoxedHandler, Handler, Middleware, Next};
 pub use message::Message;
-pub use metrics::Metrics;
-pub use ordering::{
-    members_queue, partition_of, partition_queue, sequence_headers, GapPolicy, MemorySequences,
-    MemoryStamper, Ordering, SequenceStamper, SequenceStore,
-};
+pub use ops::TraceContext;
 pub use outcome::{IntoOutcome, Outcome};
-pub use publisher::{PublishError, Publisher};
-pub use queue::{band_queue, Bands, Queue, QueueType};
-pub use retry::{tier_queue, RetryPolicy};
+pub use queue::{
+    Bands, Dedup, GapPolicy, Ordering, Queue, QueueType, RetryPolicy, DEFAULT_HANDLER_TIMEOUT,
+};
 pub use schedule::{Missed, Schedule, Tick};
-pub use topology::DEAD_LETTER_EXCHANGE;
-pub use trace_context::{TraceContext, TRACEPARENT};
+
+/// A boxed, sendable future: what handlers, middleware and store methods return.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
 /// Re-exported so handler crates use the same lapin as cottontail.
 pub use lapin;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
+use crate::client::Publisher;
 use crate::headers;
-use crate::publisher::Publisher;
-use crate::trace_context::{TraceContext, TRACEPARENT};
+use crate::ops::trace_context::{TraceContext, TRACEPARENT};
 
 /// One delivery, as seen by handlers and extractors. Cheap to clone.
 #[derive(Clone)]
@@ -29,6 +29,9 @@ pub(crate) struct Context {
     pub handler: String,
     pub queue: String,
     pub publisher: Publisher,
+    /// Set while the handler's dedup store does not answer: outages are logged when they
+    /// start and end, not once per deferred message.
+    pub store_down: std::sync::atomic::AtomicBool,
 }
 
 impl Message {

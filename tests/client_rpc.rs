@@ -1,20 +1,18 @@
 //! The typed client: many concurrent calls over one connection, timeouts with late replies
 //! discarded, error replies, progress, unroutable publishes, the outstanding-call limit and a
 //! lost connection.
-mod common;
+use cottontail_test_support as common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use cottontail::client::{Client, PublishError, PublishOptions, RequestOptions, RpcError};
 use cottontail::lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use cottontail::lapin::types::{AMQPValue, FieldTable};
 use cottontail::lapin::BasicProperties;
-use cottontail::{
-    App, Client, Error, HandlerError, Json, Progress, PublishError, PublishOptions, Queue,
-    RequestOptions, RetryPolicy, RpcError,
-};
+use cottontail::{App, Error, HandlerError, Json, Progress, Queue, RetryPolicy};
 use futures::StreamExt;
 use serde_json::{json, Value};
 

@@ -1,5 +1,5 @@
 //! Competing consumers: two app instances on one queue split the work, each message once.
-mod common;
+use cottontail_test_support as common;
 
 use std::time::Duration;
 

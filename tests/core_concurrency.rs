@@ -1,6 +1,6 @@
 //! Concurrency: the limit holds across the consumers a queue is split over, and a slow
 //! message never holds back the acks (so the prefetch window) of the ones after it.
-mod common;
+use cottontail_test_support as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! Dead-letters: bad input goes to `<queue>.dlq` intact with the reason headers, and a
 //! panicking handler neither crashes the worker nor stops the other messages.
-mod common;
+use cottontail_test_support as common;
 
 use std::time::Duration;
 

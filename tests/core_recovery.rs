@@ -1,6 +1,6 @@
 //! Connection recovery: a dropped connection is survived without restarting the process;
 //! readiness reports 503 while disconnected; no message is lost.
-mod common;
+use cottontail_test_support as common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Replies: `reply_to` + `correlation_id` get `x-status: ok` with the output, or `error` with
 //! the envelope; a plain AMQP client is on the other side.
-mod common;
+use cottontail_test_support as common;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Graceful shutdown: SIGTERM with messages in flight loses none, handles none twice, and the
 //! process exits 0.
-mod common;
+use cottontail_test_support as common;
 
 use std::io::Write;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! their channels this happened in ~70 % of start/stop cycles.
 //!
 //! Its own test binary: the subscriber counts every lapin error in the process.
-mod common;
+use cottontail_test_support as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

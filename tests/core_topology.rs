@@ -1,6 +1,6 @@
 //! Topology: a queue that exists with other arguments gives an explanation, not a raw
 //! PRECONDITION_FAILED.
-mod common;
+use cottontail_test_support as common;
 
 use common::*;
 use cottontail::lapin::types::{AMQPValue, FieldTable};

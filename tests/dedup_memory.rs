@@ -1,14 +1,15 @@
 //! Dedup with the in-memory store: duplicates are acked without running and get the cached
 //! reply; concurrent duplicates run once; a dead holder's lease lapses.
-mod common;
+use cottontail_test_support as common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::dedup::{pay, Effects};
 use common::*;
-use cottontail::dedup::DedupStore;
-use cottontail::{App, Dedup, MemoryStore, Queue};
+use cottontail::stores::DedupStore;
+use cottontail::stores::MemoryStore;
+use cottontail::{App, Dedup, Queue};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_three_times_runs_once_and_replies_the_same_three_times() {
@@ -123,4 +124,10 @@ async fn a_lease_held_by_a_dead_instance_lapses_and_the_message_is_processed() {
     );
     app.stop().await.unwrap();
     delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
+}
+
+#[tokio::test]
+async fn job_batches_keep_each_jobs_first_creation_time() {
+    let store = Arc::new(cottontail::stores::MemoryJobs::default());
+    dedup::job_batches_keep_the_first_creation_time(store, "batch").await;
 }

@@ -6,20 +6,18 @@
 //! Uses `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`); every test uses its
 //! own scope (the queue name or a unique string) and deletes its rows.
 #![cfg(feature = "postgres")]
-mod common;
+use cottontail_test_support as common;
 
 use std::time::{Duration, Instant};
 
 use common::dedup::{outcome, pay, Effects, Pay};
 use common::*;
-use cottontail::dedup::{Claim, DedupStore};
 use cottontail::stores::postgres::deadpool_postgres::{Manager, Pool};
 use cottontail::stores::postgres::tokio_postgres::{self, NoTls};
+use cottontail::stores::{Claim, DedupStore};
+use cottontail::stores::{JobStatus, JobStore};
 use cottontail::stores::{Once, PostgresStore};
-use cottontail::{
-    App, Attempt, Dedup, HandlerError, JobStatus, JobStore, Json, MessageId, Queue, RetryPolicy,
-    State,
-};
+use cottontail::{App, Attempt, Dedup, HandlerError, Json, MessageId, Queue, RetryPolicy, State};
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -131,53 +129,10 @@ async fn two_instances_with_their_own_pools_run_each_id_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_held_by_a_dead_instance_lapses_and_the_message_is_processed() {
-    let name = unique("pg-dedup-lease");
     // An instance claimed the id, then died without completing or releasing.
     let dead = store().await;
-    let claimed = dead
-        .claim(
-            &name,
-            "orphan",
-            "dead-instance",
-            Duration::from_millis(1500),
-        )
-        .await;
-    assert_eq!(claimed, Ok(Claim::Acquired));
-    drop(dead);
-    let dedup = Dedup::new(store().await).busy_delay(Duration::from_millis(200));
-    let queue = Queue::new(&name).expires(EXPIRES).dedup(dedup);
-    let fx = Effects {
-        runs: Counter::default(),
-        delay: Duration::ZERO,
-    };
-    let app = start(
-        App::new(fx.clone()).handler(queue.clone(), pay),
-        &unique("app"),
-    )
-    .await;
-    let conn = connect(&unique("client")).await;
-    let ch = confirm_channel(&conn).await;
-    let started = Instant::now();
-    publish(
-        &ch,
-        &name,
-        br#"{"amount":5}"#,
-        json_props().with_message_id("orphan".into()),
-    )
-    .await;
-    let runs = fx.runs.clone();
-    wait_until(Duration::from_secs(20), "orphan processed", move || {
-        let runs = runs.clone();
-        async move { runs.get("orphan") == 1 }
-    })
-    .await;
-    assert!(
-        started.elapsed() >= Duration::from_millis(1000),
-        "ran before the lease lapsed"
-    );
-    app.stop().await.unwrap();
-    assert_eq!(fx.runs.get("orphan"), 1);
-    delete_queues(&handler_queues(&queue, &RetryPolicy::default())).await;
+    let live = Dedup::new(store().await);
+    let name = common::dedup::an_orphaned_claim_lapses("pg-dedup-lease", &dead, live).await;
     cleanup(&name).await;
 }
 
@@ -653,6 +608,24 @@ async fn job_statuses_round_trip_and_expire() {
     sql()
         .await
         .execute("DELETE FROM cottontail_jobs WHERE message_id = $1", &[&id])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn job_batches_keep_each_jobs_first_creation_time() {
+    let prefix = unique("pg-batch");
+    let ids = common::dedup::job_batches_keep_the_first_creation_time(
+        std::sync::Arc::new(store().await),
+        &prefix,
+    )
+    .await;
+    sql()
+        .await
+        .execute(
+            "DELETE FROM cottontail_jobs WHERE message_id = ANY($1)",
+            &[&ids],
+        )
         .await
         .unwrap();
 }

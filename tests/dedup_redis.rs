@@ -1,26 +1,22 @@
 //! Dedup and job statuses in a real Redis: duplicates are acked without running and get the
 //! cached reply; instances with their own connections run each id once; a dead holder's lease
-//! lapses; a Redis outage retries the message (never runs it unchecked) until Redis is back.
+//! lapses; a Redis outage defers the message (never runs it unchecked, spends no attempt) until Redis is back.
 //!
 //! Uses `REDIS_URL` (default `redis://127.0.0.1:6379`) with a unique key prefix per test, and
 //! a private `redis-server` child process for the outage tests.
 #![cfg(feature = "redis")]
-mod common;
+use cottontail_test_support as common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::dedup::{outcome, pay, Effects};
+use common::private_redis::{free_port, PrivateRedis};
 use common::*;
-use cottontail::dedup::{Claim, DedupStore};
 use cottontail::stores::RedisStore;
-use cottontail::{App, Dedup, JobStatus, JobStore, Queue, RetryPolicy};
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
+use cottontail::stores::{Claim, DedupStore};
+use cottontail::stores::{JobStatus, JobStore};
+use cottontail::{App, Dedup, Queue, RetryPolicy};
 
 /// A store on the shared Redis under a prefix no other test uses.
 async fn store() -> RedisStore {
@@ -128,70 +124,36 @@ async fn two_instances_with_their_own_connections_run_each_id_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_held_by_a_dead_instance_lapses_and_the_message_is_processed() {
-    let name = unique("redis-dedup-lease");
-    let prefix = unique("redis");
     // An instance claimed the id, then died without completing or releasing.
-    let dead = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
-    let claimed = dead
-        .claim(
-            &name,
-            "orphan",
-            "dead-instance",
-            Duration::from_millis(1500),
-        )
-        .await;
-    assert_eq!(claimed, Ok(Claim::Acquired));
-    drop(dead);
-    let store = RedisStore::connect(&redis_url(), &prefix).await.unwrap();
-    let dedup = Dedup::new(store.clone()).busy_delay(Duration::from_millis(200));
-    let queue = Queue::new(&name).expires(EXPIRES).dedup(dedup);
-    let fx = Effects {
-        runs: Counter::default(),
-        delay: Duration::ZERO,
-    };
-    let app = start(
-        App::new(fx.clone()).handler(queue.clone(), pay),
-        &unique("app"),
-    )
-    .await;
-    let conn = connect(&unique("client")).await;
-    let ch = confirm_channel(&conn).await;
-    let started = Instant::now();
-    publish(
-        &ch,
-        &name,
-        br#"{"amount":5}"#,
-        json_props().with_message_id("orphan".into()),
-    )
-    .await;
-    let runs = fx.runs.clone();
-    wait_until(Duration::from_secs(20), "orphan processed", move || {
-        let runs = runs.clone();
-        async move { runs.get("orphan") == 1 }
-    })
-    .await;
-    assert!(
-        started.elapsed() >= Duration::from_millis(1000),
-        "ran before the lease lapsed"
-    );
-    app.stop().await.unwrap();
-    assert_eq!(fx.runs.get("orphan"), 1);
-    delete_queues(&handler_queues(&queue, &RetryPolicy::default())).await;
-    cleanup(&store).await;
+    let dead = store().await;
+    let live = RedisStore::connect(&redis_url(), dead.prefix())
+        .await
+        .unwrap();
+    let live = Dedup::new(live);
+    common::dedup::an_orphaned_claim_lapses("redis-dedup-lease", &dead, live).await;
+    cleanup(&dead).await;
 }
 
+/// Deferrals of `handler` (messages put back in the broker without spending an attempt).
+fn deferred(metrics: &cottontail::ops::Metrics, handler: &str, reason: &str) -> f64 {
+    let labels = [("handler", handler), ("reason", reason)];
+    metric_value(&metrics.render(), "cottontail_deferred_total", &labels).unwrap_or(0.0)
+}
+
+/// A store outage spends no attempt: the message waits in the broker (never runs without
+/// the check) and runs once when the store is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_outage_retries_the_message_and_it_succeeds_once_after_redis_is_back() {
+async fn a_redis_outage_defers_the_message_and_it_succeeds_once_after_redis_is_back() {
     let mut redis = PrivateRedis::start();
     let store = RedisStore::connect(&redis.url(), "outage").await.unwrap();
     let name = unique("redis-outage");
     let policy = RetryPolicy::fixed(Duration::from_millis(300))
         .jitter(0.0)
-        .max_attempts(50);
+        .max_attempts(2);
     let queue = Queue::new(&name)
         .expires(EXPIRES)
         .retry(policy.clone())
-        .dedup(Dedup::new(store.clone()));
+        .dedup(Dedup::new(store.clone()).busy_delay(Duration::from_millis(200)));
     let fx = Effects {
         runs: Counter::default(),
         delay: Duration::ZERO,
@@ -213,10 +175,10 @@ async fn a_redis_outage_retries_the_message_and_it_succeeds_once_after_redis_is_
     let (m, handler) = (metrics.clone(), name.clone());
     wait_until(
         Duration::from_secs(20),
-        "retries while Redis is down",
+        "deferred again and again while Redis is down",
         move || {
-            let retried = outcome(&m, &handler, "retried");
-            async move { retried >= 3.0 }
+            let waits = deferred(&m, &handler, "store_unavailable");
+            async move { waits >= 5.0 }
         },
     )
     .await;
@@ -225,6 +187,8 @@ async fn a_redis_outage_retries_the_message_and_it_succeeds_once_after_redis_is_
         0,
         "never runs without the dedup check while the store is down"
     );
+    assert_eq!(outcome(&metrics, &name, "retried"), 0.0, "no attempt spent");
+    assert_eq!(outcome(&metrics, &name, "dead_lettered"), 0.0);
 
     redis.restart();
     let runs = fx.runs.clone();
@@ -243,7 +207,6 @@ async fn a_redis_outage_retries_the_message_and_it_succeeds_once_after_redis_is_
         async move { ok == 1.0 }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(fx.runs.total(), 1, "{:?}", fx.runs.snapshot());
     assert_eq!(outcome(&metrics, &name, "dead_lettered"), 0.0);
     // The reconnected store holds the success.
@@ -253,6 +216,125 @@ async fn a_redis_outage_retries_the_message_and_it_succeeds_once_after_redis_is_
     assert!(matches!(held, Ok(Claim::Done { .. })), "{held:?}");
     running.stop().await.unwrap();
     delete_queues(&handler_queues(&queue, &policy)).await;
+}
+
+/// With in-process (immediate) retries in the policy, a store outage still only defers: no
+/// copy to a retry queue that does not exist, no spinning redelivery, no crash-loop verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_with_immediate_retries_only_defers() {
+    let mut redis = PrivateRedis::start();
+    let store = RedisStore::connect(&redis.url(), "outage-imm")
+        .await
+        .unwrap();
+    let name = unique("redis-outage-imm");
+    let policy = RetryPolicy::exponential(Duration::from_secs(1)).immediate(2);
+    let queue = Queue::new(&name)
+        .expires(EXPIRES)
+        .retry(policy.clone())
+        .dedup(Dedup::new(store.clone()).busy_delay(Duration::from_millis(200)));
+    let fx = Effects::new(Duration::ZERO);
+    let app = App::new(fx.clone()).handler(queue.clone(), pay);
+    let metrics = app.metrics().clone();
+    let running = start(app, &unique("app")).await;
+    redis.kill();
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    let items = (0..20)
+        .map(|i| {
+            let props = json_props().with_message_id(format!("imm-{i}").into());
+            (br#"{"amount":1}"#.to_vec(), props)
+        })
+        .collect();
+    publish_many(&ch, &name, items).await;
+    let (m, handler) = (metrics.clone(), name.clone());
+    wait_until(
+        Duration::from_secs(20),
+        "each deferred a few times",
+        move || {
+            let waits = deferred(&m, &handler, "store_unavailable");
+            async move { waits >= 100.0 }
+        },
+    )
+    .await;
+    assert_eq!(outcome(&metrics, &name, "dead_lettered"), 0.0);
+    redis.restart();
+    let runs = fx.runs.clone();
+    wait_until(Duration::from_secs(30), "all 20 ran", move || {
+        let n = runs.keys();
+        async move { n == 20 }
+    })
+    .await;
+    assert!(
+        fx.runs.snapshot().values().all(|n| *n == 1),
+        "{:?}",
+        fx.runs.snapshot()
+    );
+    assert_eq!(outcome(&metrics, &name, "dead_lettered"), 0.0);
+    assert_eq!(queue_depth(&conn, &queue.dlq_name()).await, 0);
+    running.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &policy)).await;
+}
+
+/// Issue 16, item 7: Redis killed for 30 s under a stream of 2,000 messages: nothing
+/// dead-lettered, nothing lost, each effect once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_second_redis_outage_under_a_stream_loses_nothing_and_runs_each_once() {
+    const N: usize = 2_000;
+    let mut redis = PrivateRedis::start();
+    let store = RedisStore::connect(&redis.url(), "stream-outage")
+        .await
+        .unwrap();
+    let name = unique("redis-stream-outage");
+    // The default retry policy: 5 attempts within 15 s, shorter than the outage.
+    let queue = Queue::new(&name)
+        .expires(EXPIRES)
+        .dedup(Dedup::new(store.clone()));
+    let fx = Effects::new(Duration::ZERO);
+    let app = App::new(fx.clone()).handler(queue.clone(), pay);
+    let metrics = app.metrics().clone();
+    let running = start(app, &unique("app")).await;
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    let stream = {
+        let (ch, name) = (ch.clone(), name.clone());
+        tokio::spawn(async move {
+            // 50 messages a second for 40 s.
+            for i in 0..N {
+                let props = json_props().with_message_id(format!("s-{i}").into());
+                publish(&ch, &name, br#"{"amount":1}"#, props).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let runs = fx.runs.clone();
+    wait_until(Duration::from_secs(30), "the stream flowing", move || {
+        let n = runs.keys();
+        async move { n >= 200 }
+    })
+    .await;
+    redis.kill();
+    // The fault's length, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(outcome(&metrics, &name, "dead_lettered"), 0.0);
+    redis.restart();
+    bounded(Duration::from_secs(60), stream).await.unwrap();
+    let runs = fx.runs.clone();
+    wait_until(Duration::from_secs(120), "all 2,000 ran", move || {
+        let n = runs.keys();
+        async move { n == N }
+    })
+    .await;
+    let twice: Vec<_> = fx
+        .runs
+        .snapshot()
+        .into_iter()
+        .filter(|(_, n)| *n != 1)
+        .collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    assert_eq!(outcome(&metrics, &name, "dead_lettered"), 0.0);
+    assert_eq!(queue_depth(&conn, &queue.dlq_name()).await, 0);
+    running.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &RetryPolicy::default())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,6 +570,13 @@ async fn job_statuses_round_trip_and_expire() {
 }
 
 #[tokio::test]
+async fn job_batches_keep_each_jobs_first_creation_time() {
+    let store = store().await;
+    common::dedup::job_batches_keep_the_first_creation_time(Arc::new(store.clone()), "batch").await;
+    cleanup(&store).await;
+}
+
+#[tokio::test]
 async fn a_hung_redis_is_an_error_within_the_timeout_not_a_stuck_call() {
     let mut redis = PrivateRedis::start();
     let store = RedisStore::connect(&redis.url(), "hung")
@@ -511,7 +600,7 @@ async fn a_hung_redis_is_an_error_within_the_timeout_not_a_stuck_call() {
     );
     // And it answers again once Redis does.
     let store = store.timeout(Duration::from_secs(2));
-    let mut again = Err(cottontail::dedup::StoreError(String::new()));
+    let mut again = Err(cottontail::stores::StoreError(String::new()));
     for _ in 0..20 {
         again = store.claim("h", "m", "a", S).await;
         if again.is_ok() {
@@ -529,92 +618,4 @@ async fn connecting_to_no_redis_is_an_error() {
     let result = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "x").await;
     assert!(result.is_err());
     assert!(RedisStore::connect("not a url", "x").await.is_err());
-}
-
-// ---------------------------------------------------------------------------------------------
-// A private redis-server (never the shared one)
-// ---------------------------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct PrivateRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    fn start() -> Self {
-        let mut me = Self {
-            port: free_port(),
-            child: None,
-        };
-        me.restart();
-        me
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and waits until it answers.
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers() {
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut buf).is_ok()
-            && &buf == b"+PONG\r\n"
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Sends a signal (`STOP`, `CONT`) to this test's own redis-server.
-    fn signal(&self, name: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
-            .args([format!("-{name}"), pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }

@@ -6,13 +6,15 @@
 //! long run use e.g. `COTTONTAIL_FUZZ_CASES=1000000 cargo test --release --test fuzz_wire`
 //! (see FUZZING.md). The broker tests publish that many random messages / replies (capped at
 //! `COTTONTAIL_FUZZ_BROKER_CASES`, default the same number, at most 5000).
-mod common;
+use cottontail_test_support as common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use cottontail::client::reply::Status;
+use cottontail::client::{Client, RequestOptions, RpcError};
 use cottontail::headers::{self, get_string, get_u64, value_as_u64};
 use cottontail::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use cottontail::lapin::protocol::basic::parse_properties;
@@ -21,10 +23,8 @@ use cottontail::lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 use cottontail::lapin::BasicProperties;
-use cottontail::reply::Status;
 use cottontail::{
-    App, Client, HandlerError, Json, MessageId, Queue, RequestOptions, RetryPolicy, RpcError,
-    Sequence, State, TraceContext,
+    App, HandlerError, Json, MessageId, Queue, RetryPolicy, Sequence, State, TraceContext,
 };
 use futures::StreamExt;
 use proptest::collection::{btree_map, vec};
@@ -75,7 +75,7 @@ const NAMES: &[&str] = &[
     headers::REDELIVERIES,
     headers::HELD_SINCE,
     headers::LAST_ERROR,
-    cottontail::TRACEPARENT,
+    cottontail::ops::TRACEPARENT,
 ];
 
 fn key() -> impl Strategy<Value = String> {
@@ -358,7 +358,7 @@ proptest! {
         number in prop_oneof![any::<u64>(), 0u64..4, Just(u64::MAX)],
         partitions in any::<u16>(),
     ) {
-        let table = cottontail::sequence_headers(&key, number);
+        let table = cottontail::client::sequence_headers(&key, number);
         let got = sequence_of(Some(&table));
         if key.is_empty() || number == 0 {
             prop_assert_eq!(got, None);
@@ -366,7 +366,7 @@ proptest! {
             // Numbers above i64::MAX are clamped (every client library reads i64).
             prop_assert_eq!(got, Some((key.clone(), number.min(i64::MAX as u64))));
         }
-        prop_assert!(cottontail::partition_of(&key, partitions) < partitions.max(1));
+        prop_assert!(cottontail::names::partition_of(&key, partitions) < partitions.max(1));
     }
 
     #[test]
@@ -402,7 +402,7 @@ proptest! {
 
     #[test]
     fn redact_never_panics(text in "\\PC{0,200}") {
-        let _ = cottontail::redact(&text);
+        let _ = cottontail::connection::redact(&text);
     }
 
     #[test]
@@ -419,9 +419,9 @@ proptest! {
         prop_assume!(!format!(":{password}").contains("://"));
         let url = format!("amqp://{user}:{password}@{host}{tail}");
         let text = context.replace("{}", &url);
-        let red = cottontail::redact(&text);
+        let red = cottontail::connection::redact(&text);
         prop_assert!(!red.contains(&password), "{} -> {}", text, red);
-        if let Err(e) = cottontail::Connector::new(&url, "t") {
+        if let Err(e) = cottontail::connection::Connector::new(&url, "t") {
             let shown = format!("{e} {e:?}");
             prop_assert!(!shown.contains(&password), "{}", shown);
         }
@@ -704,7 +704,7 @@ async fn random_messages_end_handled_or_dead_lettered_with_a_reason() {
             br#"{"n":1,"s":"after"}"#,
             json_props()
                 .with_message_id("final".into())
-                .with_headers(cottontail::sequence_headers("k", 1)),
+                .with_headers(cottontail::client::sequence_headers("k", 1)),
         )
         .await;
         let s3 = seen.clone();
@@ -996,7 +996,7 @@ async fn maximal_counts_and_sequence_numbers_do_not_overflow() {
         // Ordered handler, gap skipped up to u64::MAX.
         let name = unique("fuzz-max-seq");
         let queue = Queue::new(&name).expires(EXPIRES).ordered(
-            cottontail::Ordering::new(cottontail::MemorySequences::new())
+            cottontail::Ordering::new(cottontail::stores::MemorySequences::new())
                 .partitions(1)
                 .gap_timeout(Duration::from_millis(300))
                 .gap_policy(cottontail::GapPolicy::SkipAhead)
@@ -1029,7 +1029,7 @@ async fn maximal_counts_and_sequence_numbers_do_not_overflow() {
         )
         .await;
         // The partition runner survived: another key still runs (same single partition).
-        let props = json_props().with_headers(cottontail::sequence_headers("k2", 7));
+        let props = json_props().with_headers(cottontail::client::sequence_headers("k2", 7));
         publish(&ch, &name, b"{}", props).await;
         let a = applied.clone();
         wait_until(
@@ -1047,8 +1047,8 @@ async fn maximal_counts_and_sequence_numbers_do_not_overflow() {
         assert!(app.health().is_ready(), "ordered worker still consuming");
         app.stop().await.unwrap();
         let mut names = handler_queues(&queue, &RetryPolicy::default());
-        names.push(cottontail::partition_queue(queue.name(), 0));
-        names.push(cottontail::members_queue(queue.name()));
+        names.push(cottontail::names::partition_queue(queue.name(), 0));
+        names.push(cottontail::names::members_queue(queue.name()));
         delete_queues(&names).await;
         let _ = conn.close(200, "bye".into()).await;
     })

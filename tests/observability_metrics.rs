@@ -1,11 +1,12 @@
 //! `/metrics` counts exactly what happened, per handler.
-mod common;
+use cottontail_test_support as common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use cottontail::{App, Attempt, Dedup, HandlerError, Json, MemoryStore, Queue, RetryPolicy};
+use cottontail::stores::MemoryStore;
+use cottontail::{App, Attempt, Dedup, HandlerError, Json, Queue, RetryPolicy};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

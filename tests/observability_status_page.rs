@@ -1,5 +1,5 @@
 //! The built-in status page, rendered by headless Chromium (Debian's `chromium` package).
-mod common;
+use cottontail_test_support as common;
 
 use std::time::Duration;
 
@@ -96,6 +96,47 @@ async fn the_status_page_renders_the_handlers_table_in_chromium() {
         "suspiciously small screenshot ({} bytes)",
         png.len()
     );
+    app.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_api_token_the_status_page_asks_for_it_then_renders() {
+    const TOKEN: &str = "page-token-123";
+    let name = unique("status-token");
+    let queue = Queue::new(&name).expires(EXPIRES);
+    let config = config(&unique("app"))
+        .http("127.0.0.1:0".parse().unwrap())
+        .api_token(TOKEN);
+    let app = start_with(App::new(()).handler(queue.clone(), picky), config).await;
+    let http = app.http_addr().unwrap();
+    assert_eq!(http_get(http, "/status.json").await.0, 401);
+    let dom_of = |url: String| async move {
+        let out = tokio::task::spawn_blocking(move || chromium(&["--dump-dom", &url]))
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+
+    // Without the token: the page asks for it and shows no data.
+    let dom = dom_of(format!("http://{http}/")).await;
+    assert!(
+        dom.contains(r#"<form id="auth">"#),
+        "the token form is not shown:\n{dom}"
+    );
+    assert!(dom.contains("needs its API token"), "{dom}");
+    assert!(
+        !dom.contains(&name),
+        "data rendered without the token:\n{dom}"
+    );
+
+    // Given the token (as the form would store it), its data calls carry it and render.
+    let dom = dom_of(format!("http://{http}/#token={TOKEN}")).await;
+    assert!(
+        dom.contains(&format!("<td class=\"l\">{name}</td>")),
+        "handlers table not rendered with the token:\n{dom}"
+    );
+    assert!(dom.contains(r#"<form id="auth" hidden="">"#), "{dom}");
     app.stop().await.unwrap();
     delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
 }

@@ -1,6 +1,6 @@
 //! Trace propagation: a request's `traceparent` becomes the handler span's trace id, the
 //! reply carries the same trace onward, and a retried message stays in one trace.
-mod common;
+use cottontail_test_support as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`) with unique scopes and
 //! keys; every test deletes its keys, rows, queues and files, also when it fails.
 #![cfg(all(feature = "redis", feature = "postgres"))]
-mod common;
+use cottontail_test_support as common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -21,15 +21,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use cottontail::stores::postgres::deadpool_postgres::{Manager, Pool};
 use cottontail::stores::postgres::tokio_postgres::{self, NoTls};
+use cottontail::stores::{MemorySequences, SequenceStamper, SequenceStore};
 use cottontail::stores::{PostgresStore, RedisStore};
-use cottontail::{
-    App, HandlerError, MemorySequences, Ordering, Queue, Sequence, SequenceStamper, SequenceStore,
-    State,
-};
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
+use cottontail::{App, HandlerError, Ordering, Queue, Sequence, State};
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -633,8 +627,8 @@ fn events(
     let mut items = Vec::new();
     for k in 0..keys {
         for s in 1..=per_key {
-            let props =
-                json_props().with_headers(cottontail::sequence_headers(&format!("key-{k}"), s));
+            let props = json_props()
+                .with_headers(cottontail::client::sequence_headers(&format!("key-{k}"), s));
             items.push((b"{}".to_vec(), props.clone()));
             if items.len() % dup_every == 0 {
                 items.push((b"{}".to_vec(), props));
@@ -682,9 +676,9 @@ fn ordered_queues(name: &str) -> Vec<String> {
     let queue = ordered_queue(name, Arc::new(MemorySequences::new()));
     let mut names = handler_queues(&queue, &cottontail::RetryPolicy::default());
     for n in 0..PARTITIONS {
-        names.push(cottontail::partition_queue(name, n));
+        names.push(cottontail::names::partition_queue(name, n));
     }
-    names.push(cottontail::members_queue(name));
+    names.push(cottontail::names::members_queue(name));
     names
 }
 

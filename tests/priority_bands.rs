@@ -1,6 +1,6 @@
 //! Priority on quorum queues through weighted bands: a backlog of low-priority work is
 //! overtaken by urgent messages published after it, and the low band keeps moving.
-mod common;
+use cottontail_test_support as common;
 
 use common::*;
 use cottontail::{Bands, Queue};
@@ -20,6 +20,6 @@ async fn fifty_urgent_messages_overtake_a_backlog_of_five_hundred_through_bands(
         "the low band never got a turn"
     );
     let mut names = handler_queues(&queue, &cottontail::RetryPolicy::default());
-    names.extend((0..2).map(|n| cottontail::band_queue(&name, n)));
+    names.extend((0..2).map(|n| cottontail::names::band_queue(&name, n)));
     delete_queues(&names).await;
 }

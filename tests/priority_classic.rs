@@ -1,6 +1,6 @@
 //! Priority queues that actually prioritise: a backlog of low-priority work is overtaken by
 //! urgent messages published after it (classic queue with `x-max-priority`).
-mod common;
+use cottontail_test_support as common;
 
 use common::*;
 use cottontail::Queue;

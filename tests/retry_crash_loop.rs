@@ -2,7 +2,7 @@
 //! in the DLQ with a reason after the delivery limit, while other messages are processed.
 //! Quorum queues count with `x-delivery-count`; classic (priority) queues with cottontail's
 //! own `x-redeliveries`.
-mod common;
+use cottontail_test_support as common;
 
 use std::io::Write;
 use std::time::Duration;
@@ -97,7 +97,7 @@ async fn poison_ends_in_the_dlq(classic: bool) {
     loop {
         let mut child = spawn_child("child_worker", &env);
         loop {
-            let finished = dlq.len() >= 1
+            let finished = !dlq.is_empty()
                 && std::fs::read_to_string(&ledger)
                     .unwrap_or_default()
                     .lines()
@@ -120,7 +120,7 @@ async fn poison_ends_in_the_dlq(classic: bool) {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if dlq.len() >= 1
+        if !dlq.is_empty()
             && std::fs::read_to_string(&ledger)
                 .unwrap_or_default()
                 .lines()

@@ -1,6 +1,6 @@
 //! Retries with broker-held delays: attempts, delays, exhaustion to the DLQ, timeouts, and
 //! other work flowing while a retry waits.
-mod common;
+use cottontail_test_support as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Results for callers in other languages: a Python (pika) front-end consumes replies from its
 //! own reply queue and polls `GET /jobs/{message_id}` to watch the job run.
-mod common;
+use cottontail_test_support as common;
 
 use std::time::Duration;
 

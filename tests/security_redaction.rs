@@ -5,7 +5,7 @@
 //! at the end) whose password is unique to this run, captures every tracing event of the
 //! process (all targets, TRACE level, lapin included) and searches all of it, plus every
 //! error's `Display`/`Debug` and every HTTP body, for the password.
-mod common;
+use cottontail_test_support as common;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,10 +14,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::*;
-use cottontail::{
-    App, Client, Config, Connector, HandlerError, Json, Queue, RequestOptions, RetryPolicy,
-    RpcError, State,
-};
+use cottontail::client::{Client, RequestOptions, RpcError};
+use cottontail::connection::Connector;
+use cottontail::{App, Config, HandlerError, Json, Queue, RetryPolicy, State};
 use serde_json::Value;
 
 /// Overall deadline of each test.
@@ -279,7 +278,10 @@ async fn credentials_never_appear_in_logs_errors_or_http() {
             if let Err(e) = Client::connect(&bad, "sec-bad").await.map(drop) {
                 shown.push((format!("Client error for {bad}"), format!("{e} {e:?}")));
             }
-            shown.push((format!("redact({bad})"), cottontail::redact(&bad)));
+            shown.push((
+                format!("redact({bad})"),
+                cottontail::connection::redact(&bad),
+            ));
         }
 
         client.close().await;

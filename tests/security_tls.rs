@@ -4,16 +4,17 @@
 //!
 //! Uses a PRIVATE broker node (scripts/rabbit-node.sh --tls) with a throwaway CA and server
 //! certificate made by `openssl` here; the node is stopped by a Drop guard.
-mod common;
+use cottontail_test_support as common;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use cottontail::connection::Connector;
 use cottontail::lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use cottontail::lapin::types::FieldTable;
-use cottontail::{App, Config, Connector, HandlerError, Json, Queue};
+use cottontail::{App, Config, HandlerError, Json, Queue};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 

@@ -27,7 +27,8 @@ async fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
-    let url = std::env::var("AMQP_URL").unwrap_or_else(|_| cottontail::DEFAULT_AMQP_URL.into());
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| cottontail::connection::DEFAULT_AMQP_URL.into());
     let limit = Duration::from_secs(20);
     let admin = Connection::connect(&url, ConnectionProperties::default())
         .await

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cottontail::client::{Client, PublishOptions};
 use cottontail::lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueuePurgeOptions,
 };
 use cottontail::lapin::types::FieldTable;
 use cottontail::lapin::{Confirmation, Connection};
-use cottontail::{App, Client, Config, PublishOptions, Queue, RetryPolicy, State};
+use cottontail::{App, Config, Queue, RetryPolicy, State};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use tokio::sync::Notify;
 

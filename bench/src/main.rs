@@ -25,7 +25,7 @@ use util::{median, percentile, range, Res};
 #[command(name = "cottontail-bench", version)]
 struct Args {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = cottontail::DEFAULT_AMQP_URL)]
+    #[arg(long, env = "AMQP_URL", default_value = cottontail::connection::DEFAULT_AMQP_URL)]
     url: String,
     /// Messages per consume run (each run pre-fills the variant's emptied quorum queue with
     /// this many; prefetch values below 100 use a fifth, they are 5-10x slower).
@@ -117,7 +117,10 @@ async fn run(args: Args) -> Res<()> {
         .unwrap_or_else(|| "unknown (handshake not readable)".into());
     println!("cottontail-bench");
     println!("  machine : {}", util::machine());
-    println!("  broker  : {broker} at {}", cottontail::redact(&args.url));
+    println!(
+        "  broker  : {broker} at {}",
+        cottontail::connection::redact(&args.url)
+    );
     println!(
         "  runs    : {} msgs/run, a fifth below prefetch 100 ({}-byte JSON, persistent, one \
          quorum queue per variant and prefetch declared by cottontail, emptied and pre-filled \

@@ -6,7 +6,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use cottontail::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use cottontail::{App, Config, Dedup, MemorySequences, MemoryStore, Queue, RetryPolicy, State};
+use cottontail::stores::{MemorySequences, MemoryStore};
+use cottontail::{App, Config, Dedup, Queue, RetryPolicy, State};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Notify;
 
@@ -191,7 +192,7 @@ async fn one(url: &str, queue: &Queue, flavor: Flavor, n: u64) -> Res<Sample> {
         .map(|id| async move {
             let mut props = util::job_properties().with_message_id(format!("m-{id}").into());
             if flavor == Flavor::Ordered {
-                props = props.with_headers(cottontail::sequence_headers(
+                props = props.with_headers(cottontail::client::sequence_headers(
                     &format!("k{}", id % KEYS),
                     id / KEYS + 1,
                 ));
@@ -244,10 +245,10 @@ async fn cleanup(url: &str, queue: &Queue) {
         queue
             .delay_tiers()
             .into_iter()
-            .map(|d| cottontail::tier_queue(queue.name(), d)),
+            .map(|d| cottontail::names::tier_queue(queue.name(), d)),
     );
-    names.extend((0..8).map(|p| cottontail::partition_queue(queue.name(), p)));
-    names.push(cottontail::members_queue(queue.name()));
+    names.extend((0..8).map(|p| cottontail::names::partition_queue(queue.name(), p)));
+    names.push(cottontail::names::members_queue(queue.name()));
     for n in names {
         util::delete_queue(&conn, &n).await;
     }

@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cottontail::client::{Client, RequestOptions};
 use cottontail::lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
 use cottontail::lapin::types::{AMQPValue, FieldTable, LongString};
 use cottontail::lapin::{BasicProperties, Channel, Confirmation, Connection};
-use cottontail::{Client, RequestOptions};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         let prior = get_u64(table, headers::ATTEMPTS).unwrap_or(0);
         let attempt = u32::try_from(prior.saturating_add(1)).unwrap_or(u32::MAX);
         assert!(attempt >= 1);
-        let _ = get_string(table, cottontail::TRACEPARENT)
+        let _ = get_string(table, cottontail::ops::TRACEPARENT)
             .and_then(|v| cottontail::TraceContext::parse(&v))
             .map_or_else(cottontail::TraceContext::new_root, |p| p.child());
         let _ = get_u64(table, headers::DELIVERY_COUNT);

@@ -6,12 +6,12 @@
 
 use cottontail::headers::{self, get_string};
 use cottontail::lapin::types::parsing::parse_field_table;
-use cottontail::reply::Status;
+use cottontail::client::reply::Status;
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code, clippy::all)]
 mod client {
-    use cottontail::RpcError;
+    use cottontail::client::RpcError;
     include!(concat!(env!("OUT_DIR"), "/reply_envelope.rs"));
 
     pub fn parse(body: &[u8]) -> RpcError {
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     match client::parse(body) {
-        cottontail::RpcError::Remote { kind, message } => {
+        cottontail::client::RpcError::Remote { kind, message } => {
             if serde_json::from_slice::<serde_json::Value>(body).is_err() {
                 assert_eq!(kind, "malformed_reply");
                 // Preview: at most 200 characters of the body (plus an ellipsis).

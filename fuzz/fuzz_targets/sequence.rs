@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((_, table)) = parse_field_table(data) {
         if let Some((key, _)) = extract(Some(&table)) {
             for partitions in [0u16, 1, 7, u16::MAX] {
-                assert!(cottontail::partition_of(&key, partitions) < partitions.max(1));
+                assert!(cottontail::names::partition_of(&key, partitions) < partitions.max(1));
             }
         }
     }
@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= 8 {
         let number = u64::from_le_bytes(data[..8].try_into().unwrap());
         let key = String::from_utf8_lossy(&data[8..]).into_owned();
-        let table = cottontail::sequence_headers(&key, number);
+        let table = cottontail::client::sequence_headers(&key, number);
         let (wire, _) =
             cookie_factory::r#gen(gen_field_table(&table), Vec::new()).expect("serialize headers");
         let (_, parsed) = parse_field_table(wire.as_slice()).expect("own headers parse back");

@@ -15,7 +15,7 @@ pub const NAMES: &[&str] = &[
     cottontail::headers::REDELIVERIES,
     cottontail::headers::HELD_SINCE,
     cottontail::headers::LAST_ERROR,
-    cottontail::TRACEPARENT,
+    cottontail::ops::TRACEPARENT,
 ];
 
 /// Every header table reachable from `table` (nested tables and arrays included).

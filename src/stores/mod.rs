@@ -1,14 +1,16 @@
-//! Shared dedup, job-status and sequence stores, for handlers that run on more than one
-//! instance.
+//! Where handlers keep state across messages, instances and restarts: dedup claims and cached
+//! replies ([`DedupStore`]), job statuses ([`JobStore`]), the next expected sequence number of
+//! ordered handlers ([`SequenceStore`]) and producer-side stamps ([`SequenceStamper`]). One
+//! error type, [`StoreError`], for all of them.
 //!
-//! [`MemoryStore`](crate::MemoryStore), [`MemoryJobs`](crate::MemoryJobs),
-//! [`MemorySequences`](crate::MemorySequences) and [`MemoryStamper`](crate::MemoryStamper)
-//! only see their own process: two instances of a service would each run the same message id
-//! once, and an ordered handler's state would not survive a restart or follow a partition to
-//! another instance. These stores keep the claims, the cached replies, the job statuses and
-//! the sequence numbers where every instance sees them.
+//! The in-process stores ([`MemoryStore`], [`MemoryJobs`], [`MemorySequences`],
+//! [`MemoryStamper`]) only see their own process: two instances of a service would each run
+//! the same message id once, and an ordered handler's state would not survive a restart or
+//! follow a partition to another instance. [`RedisStore`] and [`PostgresStore`] keep the
+//! claims, the cached replies, the job statuses and the sequence numbers where every instance
+//! sees them.
 //!
-//! | store | feature | claim | exactly-once with your own writes | sequence advance ([`SequenceStore`](crate::SequenceStore)) | stamp ([`SequenceStamper`](crate::SequenceStamper)) |
+//! | store | feature | claim | exactly-once with your own writes | sequence advance | stamp |
 //! |---|---|---|---|---|---|
 //! | [`RedisStore`] | `redis` | one Lua script (atomic) | no | one Lua compare-and-set | `INCR` |
 //! | [`PostgresStore`] | `postgres` | one `INSERT … ON CONFLICT` | yes, with [`PostgresStore::begin_once`] | one `UPDATE … WHERE next = from` (or upsert from 1) | one `INSERT … ON CONFLICT … RETURNING` |
@@ -17,13 +19,30 @@
 //! from 1).
 //!
 //! Every operation is time-limited (2 s by default): a slow or unreachable store becomes a
-//! [`StoreError`], which the pipeline treats as a transient failure
-//! (the message is retried through the broker, never run without the check).
+//! [`StoreError`]. A failed claim defers the message: it waits in the broker without spending
+//! an attempt and is never run without the check.
 
+mod dedup;
+mod jobs;
+pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod sequences;
+
+pub use dedup::{Claim, DedupStore};
+pub(crate) use jobs::now;
+pub use jobs::{JobStatus, JobStore};
+pub use memory::{MemoryJobs, MemorySequences, MemoryStamper, MemoryStore, DEFAULT_JOB_BYTES};
+pub use sequences::{SequenceStamper, SequenceStore};
+
+/// A store did not answer, or answered with something unusable (the backend and the operation
+/// are named in the text). The pipeline never runs a message without the check it needed: a
+/// failed claim defers the message (it waits in the broker without spending an attempt).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
 
 #[cfg(feature = "postgres")]
 pub use self::postgres::{Once, OnceTx, PostgresStore};
@@ -32,9 +51,6 @@ pub use self::redis::RedisStore;
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
 use std::time::Duration;
-
-#[cfg(any(feature = "redis", feature = "postgres"))]
-use crate::dedup::StoreError;
 
 /// The default limit on one store operation.
 #[cfg(any(feature = "redis", feature = "postgres"))]

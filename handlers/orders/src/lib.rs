@@ -15,9 +15,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cottontail::{
-    BoxFuture, Dedup, HandlerError, Json, Ordering, Queue, Sequence, SequenceStore, State,
-};
+use cottontail::stores::SequenceStore;
+use cottontail::{BoxFuture, Dedup, HandlerError, Json, Ordering, Queue, Sequence, State};
 use serde::{Deserialize, Serialize};
 
 /// The queue name of the DESIGN.md contract.

@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use cottontail::{
-    App, Config, Dedup, DedupStore, JobStore, MemoryJobs, MemorySequences, MemoryStore,
-    SequenceStore,
+use cottontail::stores::{
+    DedupStore, JobStore, MemoryJobs, MemorySequences, MemoryStore, SequenceStore,
 };
+use cottontail::{App, Config, Dedup};
 
 #[derive(Clone, Default)]
 struct DemoState {
@@ -42,7 +42,7 @@ struct Stores {
 }
 
 async fn stores() -> Result<Stores, cottontail::Error> {
-    let store_error = |e: cottontail::dedup::StoreError| cottontail::Error::Config(e.to_string());
+    let store_error = |e: cottontail::stores::StoreError| cottontail::Error::Config(e.to_string());
     if let Ok(url) = std::env::var("REDIS_URL") {
         let redis = cottontail::stores::RedisStore::connect_default(&url)
             .await
@@ -79,7 +79,7 @@ async fn stores() -> Result<Stores, cottontail::Error> {
 async fn run() -> Result<(), cottontail::Error> {
     let config = Config::from_env()?;
     let stores = stores().await?;
-    tracing::info!(url = %cottontail::redact(&config.amqp_url), http = ?config.http_addr, stores = stores.kind, "starting");
+    tracing::info!(url = %cottontail::connection::redact(&config.amqp_url), http = ?config.http_addr, stores = stores.kind, "starting");
     let reports = std::env::var("REPORTS_SCHEDULE")
         .unwrap_or_else(|_| cottontail_reports::DEFAULT_SCHEDULE.to_owned());
     App::new(DemoState {

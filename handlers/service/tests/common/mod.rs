@@ -5,7 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| cottontail::DEFAULT_AMQP_URL.to_owned())
+    std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| cottontail::connection::DEFAULT_AMQP_URL.to_owned())
 }
 
 pub struct Demo {

@@ -1,0 +1,156 @@
+//! Broker actions for an outcome, each confirmed before the ack: the reply, a retry copy or a
+//! dead-letter copy (with an `error` reply to a waiting caller); and the routing of ordered
+//! and banded entry queues.
+
+use super::{Route, Verdict, Worker};
+use crate::client::reply::{self, Status};
+use crate::client::PublishError;
+use crate::error::HandlerError;
+use crate::extract::FromMessage;
+use crate::message::Message;
+use crate::outcome::Outcome;
+use crate::runtime::copies;
+
+impl Worker {
+    /// Success: the reply (confirmed) to a waiting caller; failure: a retry or a dead-letter.
+    pub(super) async fn act(&self, msg: &Message, outcome: Outcome) -> Verdict {
+        match outcome {
+            Outcome::Done(body) => {
+                self.job(msg, "succeeded", |j| {
+                    j.result = serde_json::from_slice(&body).ok();
+                })
+                .await;
+                if let Err(verdict) = self.reply_ok(msg, body).await {
+                    return verdict;
+                }
+                self.metrics.ok.inc();
+                Verdict::Done
+            }
+            Outcome::Failed(error) => self.fail(msg, error).await,
+        }
+    }
+
+    /// The `ok` reply (confirmed) to a caller waiting on `reply_to`, if any; a failed publish
+    /// is the verdict.
+    pub(super) async fn reply_ok(&self, msg: &Message, body: Vec<u8>) -> Result<(), Verdict> {
+        let Some(reply_to) = msg.reply_to() else {
+            return Ok(());
+        };
+        let trace = Some(msg.trace());
+        let sent = reply::send(
+            msg.publisher(),
+            reply_to,
+            msg.correlation_id(),
+            Status::Ok,
+            body,
+            trace,
+        )
+        .await;
+        if let Err(e) = sent {
+            return Err(self.publish_failed(e));
+        }
+        self.metrics.reply_ok.inc();
+        Ok(())
+    }
+
+    /// A failed attempt: retry later if the policy allows, otherwise dead-letter.
+    pub(super) async fn fail(&self, msg: &Message, error: HandlerError) -> Verdict {
+        let attempt = msg.attempt();
+        if error.is_transient() {
+            if let Some(delay) = self.queue.retry.delay_after(attempt) {
+                tracing::warn!(%error, ?delay, "attempt failed; retry scheduled");
+                self.job(msg, "failed", |j| {
+                    j.error = Some(error_json(&error));
+                    j.retrying = Some(true);
+                })
+                .await;
+                return match copies::schedule_retry(msg, &error, &self.queue.retry, delay).await {
+                    Ok(()) => {
+                        self.metrics.retry(attempt);
+                        Verdict::Retried
+                    }
+                    Err(e) => self.publish_failed(e),
+                };
+            }
+        }
+        self.dead_letter(msg, error, attempt).await
+    }
+
+    /// Dead-letters with the reason; the caller (if any) gets an `error` reply.
+    pub(crate) async fn dead_letter(
+        &self,
+        msg: &Message,
+        error: HandlerError,
+        attempts: u32,
+    ) -> Verdict {
+        tracing::warn!(%error, attempts, "dead-lettering message");
+        self.job(msg, "dead_lettered", |j| {
+            j.error = Some(error_json(&error));
+            j.retrying = Some(false);
+        })
+        .await;
+        if let Err(e) = copies::dead_letter(msg, &error, attempts).await {
+            return self.publish_failed(e);
+        }
+        if let Some(reply_to) = msg.reply_to() {
+            let body = reply::error_body(&error);
+            if let Err(e) = reply::send(
+                msg.publisher(),
+                reply_to,
+                msg.correlation_id(),
+                Status::Error,
+                body,
+                Some(msg.trace()),
+            )
+            .await
+            {
+                // The dead-letter copy is safe; a lost error reply must not duplicate it.
+                tracing::warn!(error = %e, "error reply not sent");
+            } else {
+                self.metrics.reply_error.inc();
+            }
+        }
+        self.metrics.dead_letter(error.kind());
+        self.recent.push(
+            msg.handler(),
+            msg.message_id(),
+            error.kind(),
+            error.message(),
+        );
+        Verdict::DeadLettered
+    }
+
+    pub(crate) fn publish_failed(&self, error: PublishError) -> Verdict {
+        tracing::warn!(%error, "publish failed; message goes back to the queue");
+        if matches!(error, PublishError::Connection(_)) {
+            self.session_failed.cancel();
+        }
+        Verdict::Requeue
+    }
+
+    /// Moves an ordered message to its key's partition queue (confirmed before the ack).
+    pub(super) async fn route(&self, msg: &Message, route: &Route) -> Verdict {
+        let target = match route {
+            Route::Partitions(partitions) => {
+                let key = match crate::extract::Sequence::from_message(msg, &()) {
+                    Ok(seq) => seq.key,
+                    Err(error) => return self.dead_letter(msg, error, msg.attempt()).await,
+                };
+                let partition = crate::names::partition_of(&key, *partitions);
+                crate::names::partition_queue(msg.queue(), partition)
+            }
+            Route::Bands(bands) => {
+                let priority = msg.properties().priority().unwrap_or(0);
+                crate::names::band_queue(msg.queue(), bands.band_of(priority))
+            }
+        };
+        match copies::forward(msg, &target).await {
+            Ok(()) => Verdict::Moved,
+            Err(e) => self.publish_failed(e),
+        }
+    }
+}
+
+fn error_json(error: &HandlerError) -> serde_json::Value {
+    serde_json::json!({"kind": error.kind(), "message": error.message()})
+}

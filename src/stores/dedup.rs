@@ -1,0 +1,56 @@
+//! Idempotency stores: claim a message id before running the handler, remember the result
+//! after (see [`Dedup`](crate::Dedup) for a handler's settings).
+//!
+//! RabbitMQ delivers at least once, so after a crash, a lost connection or a requeue the same
+//! message can arrive again. With a dedup store a handler runs at most once per `message_id`
+//! *to success*: an id that already succeeded is acked without running (counted as
+//! `duplicate`), and its caller gets the cached reply; an id claimed by another instance waits
+//! (its lease expires if that instance dies); a failed attempt releases the claim so the retry
+//! can run. While the store does not answer, messages wait in the broker the same way: an
+//! outage spends no attempts and dead-letters nothing.
+
+use std::time::Duration;
+
+use super::StoreError;
+use crate::BoxFuture;
+
+/// The state of a message id in a store, as seen by a claim attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This caller holds the claim until the lease expires: run the handler.
+    Acquired,
+    /// The id already succeeded; `reply` is the cached reply body, if one was stored.
+    Done {
+        /// The original reply body.
+        reply: Option<Vec<u8>>,
+    },
+    /// Another holder's lease is still running: try again later.
+    Busy,
+}
+
+/// A dedup backend. Keys are `(scope, id)`: the scope is the handler, so two handlers may see
+/// the same message id independently.
+pub trait DedupStore: Send + Sync + 'static {
+    /// Claims `id` for `owner` (a token unique to this attempt) for `lease`, unless it is done
+    /// or validly claimed by another.
+    fn claim(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> BoxFuture<Result<Claim, StoreError>>;
+
+    /// Marks `id` done (keeping `reply`) for `retention`.
+    fn complete(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        reply: Option<Vec<u8>>,
+        retention: Duration,
+    ) -> BoxFuture<Result<(), StoreError>>;
+
+    /// Drops `owner`'s claim on `id` so another attempt can run.
+    fn release(&self, scope: &str, id: &str, owner: &str) -> BoxFuture<Result<(), StoreError>>;
+}
