@@ -19,7 +19,7 @@ use cottontail::stores::SequenceStore;
 use cottontail::{BoxFuture, Dedup, HandlerError, Json, Ordering, Queue, Sequence, State};
 use serde::{Deserialize, Serialize};
 
-/// The queue name of the DESIGN.md contract.
+/// The queue name of the contract (`docs/contracts.md`, "Demo service").
 pub const QUEUE: &str = "orders";
 
 /// An order event.

@@ -1,4 +1,5 @@
-//! `cottontail-demo`: one service running every example handler (DESIGN.md contract).
+//! `cottontail-demo`: one service running every example handler (the contract is in
+//! `docs/contracts.md`, "Demo service").
 //!
 //! Stores: `REDIS_URL` set → Redis for dedup, job statuses, sequence state and the order
 //! book; else `DATABASE_URL` set → PostgreSQL for dedup, job statuses and sequence state

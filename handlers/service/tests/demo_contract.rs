@@ -1,5 +1,6 @@
-//! The demo service's DESIGN.md contract, driven from outside by a plain AMQP client (raw
-//! lapin, not cottontail's client) against the real `cottontail-demo` binary.
+//! The demo service's contract (`docs/contracts.md`, "Demo service"), driven from outside by
+//! a plain AMQP client (raw lapin, not cottontail's client) against the real `cottontail-demo`
+//! binary.
 //!
 //! The demo owns fixed queue names (`thumbnails`, `orders`), so everything here runs in one
 //! test, in sequence.

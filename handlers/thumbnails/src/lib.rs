@@ -16,7 +16,7 @@ use cottontail::{HandlerError, Json, Progress, Queue};
 use image::{ImageFormat, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 
-/// The queue name of the DESIGN.md contract.
+/// The queue name of the contract (`docs/contracts.md`, "Demo service").
 pub const QUEUE: &str = "thumbnails";
 
 /// Largest accepted side of a thumbnail.
