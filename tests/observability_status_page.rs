@@ -33,7 +33,7 @@ fn chromium(args: &[&str]) -> std::process::Output {
         .arg(format!("--user-data-dir={}", user_dir.display()))
         .args(args)
         .output()
-        .expect("chromium is installed (apt-get install chromium; .ci/run does it)");
+        .expect("chromium is installed (scripts/test.sh installs it)");
     let _ = std::fs::remove_dir_all(user_dir);
     out
 }

@@ -51,7 +51,7 @@ async fn a_pika_front_end_gets_its_reply_and_sees_running_then_succeeded() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "python front-end failed (is pika installed? `pip install pika`)\n{stdout}\n{stderr}"
+        "python front-end failed (is pika installed? scripts/test.sh installs it)\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("status: running"), "{stdout}");
     assert!(stdout.contains("status: succeeded"), "{stdout}");
