@@ -180,8 +180,9 @@ impl<S> FromMessage<S> for Sequence {
 
 /// Sends `x-status: progress` replies to the caller while the handler works.
 ///
-/// Does nothing when the message has no `reply_to`. Each send waits for the broker's confirm,
-/// so progress arrives in order and before the final reply.
+/// Does nothing when the message has no `reply_to`, or when its caller already got its final
+/// reply (a request replayed from the DLQ). Each send waits for the broker's confirm, so
+/// progress arrives in order and before the final reply.
 #[derive(Clone, Debug)]
 pub struct Progress {
     msg: Message,
@@ -190,7 +191,7 @@ pub struct Progress {
 impl Progress {
     /// Sends one progress update (any JSON-serializable value).
     pub async fn send<T: Serialize>(&self, update: &T) -> Result<(), HandlerError> {
-        let Some(reply_to) = self.msg.reply_to() else {
+        let Some(reply_to) = self.msg.reply_target() else {
             return Ok(());
         };
         let body = serde_json::to_vec(update)?;

@@ -27,6 +27,11 @@ pub const REDELIVERIES: &str = "x-redeliveries";
 pub const HELD_SINCE: &str = "x-held-since";
 /// The last transient error, carried on retry copies for operators browsing retry queues.
 pub const LAST_ERROR: &str = "x-last-error";
+/// Stamped (value `error`) on the dead-letter copy of a request that had a `reply_to`: its
+/// caller was sent its one final reply, the `error`, when it was dead-lettered. `dlq replay`
+/// keeps it, and cottontail sends no reply at all (`progress`, `ok` or `error`) for a message
+/// carrying it, so a replayed request never gives its caller a second final answer.
+pub const REPLY_SENT: &str = "x-reply-sent";
 /// Header cottontail adds to a delivered message whose properties held invalid UTF-8; its
 /// value names the fields (e.g. `message_id, header name`). Reserved: a message published with
 /// it is dead-lettered the same way.

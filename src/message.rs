@@ -101,6 +101,17 @@ impl Message {
             .filter(|s| !s.is_empty())
     }
 
+    /// Where the framework's replies go: `reply_to`, unless the caller already got its final
+    /// reply (header [`REPLY_SENT`](crate::headers::REPLY_SENT), on a replayed dead-letter).
+    pub(crate) fn reply_target(&self) -> Option<&str> {
+        self.reply_to()
+            .filter(|_| !self.has_header(crate::headers::REPLY_SENT))
+    }
+
+    fn has_header(&self, name: &str) -> bool {
+        self.headers().is_some_and(|h| h.inner().contains_key(name))
+    }
+
     /// This is attempt number N (1 for the first delivery; retries count up).
     pub fn attempt(&self) -> u32 {
         self.inner.attempt

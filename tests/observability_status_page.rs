@@ -1,4 +1,5 @@
-//! The built-in status page, rendered by headless Chromium (Debian's `chromium` package).
+//! The built-in status page: its data (`/status.json`), and the page rendered by headless
+//! Chromium (Debian's `chromium` package).
 use cottontail_test_support as common;
 
 use std::time::Duration;
@@ -14,6 +15,60 @@ async fn picky(Json(v): Json<serde_json::Value>) -> Result<(), HandlerError> {
         ));
     }
     Ok(())
+}
+
+/// The fields of a `/status.json` handler row that count messages.
+const COUNTS: [&str; 5] = ["ok", "retried", "dead_lettered", "duplicate", "in_flight"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_counts_are_integers() {
+    let name = unique("status-json");
+    let queue = Queue::new(&name).expires(EXPIRES);
+    let config = config(&unique("app")).http("127.0.0.1:0".parse().unwrap());
+    let app = start_with(App::new(()).handler(queue.clone(), picky), config).await;
+    let http = app.http_addr().unwrap();
+    let conn = connect(&unique("client")).await;
+    let ch = confirm_channel(&conn).await;
+    for _ in 0..3 {
+        publish(&ch, &name, br#"{"bad":false}"#, json_props()).await;
+    }
+    for _ in 0..2 {
+        publish(&ch, &name, br#"{"bad":true}"#, json_props()).await;
+    }
+    let row = |status: &serde_json::Value| {
+        status["handlers"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["handler"] == name.as_str()))
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {name}: {status}"))
+    };
+    let status = || async {
+        let (code, body) = http_get(http, "/status.json").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")
+    };
+    wait_until(Duration::from_secs(20), "all five settled", || async {
+        let row = row(&status().await);
+        row["ok"].as_f64() == Some(3.0) && row["dead_lettered"].as_f64() == Some(2.0)
+    })
+    .await;
+
+    let status = status().await;
+    let row = row(&status);
+    // Integers, not `3.0`: a client in a typed language reading counts must not get floats.
+    for field in COUNTS {
+        assert!(row[field].is_u64(), "{field} is not an integer: {row}");
+    }
+    assert_eq!(row["ok"], 3, "{row}");
+    assert_eq!(row["dead_lettered"], 2, "{row}");
+    assert_eq!(row["retried"], 0, "{row}");
+    assert_eq!(row["duplicate"], 0, "{row}");
+    assert_eq!(row["in_flight"], 0, "{row}");
+    // Times stay fractional seconds.
+    assert!(status["recent_dead_letters"][0]["at"].is_f64(), "{status}");
+
+    app.stop().await.unwrap();
+    delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
 }
 
 fn chromium(args: &[&str]) -> std::process::Output {

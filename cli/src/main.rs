@@ -25,7 +25,8 @@ use cottontail::Config;
 use futures::{FutureExt, StreamExt};
 
 /// Headers the framework or the broker add on the way to the DLQ; removed on replay so the
-/// message starts over with a fresh attempt count.
+/// message starts over with a fresh attempt count. `x-reply-sent` stays: the caller already
+/// got its final reply, and the framework sends none for a message carrying it.
 const STRIPPED_ON_REPLAY: &[&str] = &[
     headers::ERROR,
     headers::ERROR_KIND,
@@ -120,6 +121,11 @@ enum DlqCommand {
     List(DlqArgs),
     /// Move dead-lettered messages back to QUEUE with a fresh attempt count (each is confirmed
     /// on QUEUE before its DLQ copy is removed).
+    ///
+    /// A request whose caller got its `error` reply when it was dead-lettered (header
+    /// `x-reply-sent`) gets no reply at all when replayed, neither `ok` nor a second `error`:
+    /// each request has one final reply. Its new outcome shows in the metrics, its job status
+    /// and, if it fails again, the DLQ.
     Replay(DlqReplayArgs),
 }
 

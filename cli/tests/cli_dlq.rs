@@ -1,16 +1,20 @@
 //! The operator CLI against the real broker: `dlq list` leaves messages in place, `dlq replay`
 //! moves them back with the dead-letter headers stripped and loses nothing when killed midway,
-//! and `publish` / `call` talk to cottontail handlers.
+//! a replayed request whose caller already got its `error` reply gets no second reply, and
+//! `publish` / `call` talk to cottontail handlers.
 use cottontail_test_support as common;
 
 use std::collections::HashSet;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::dedup::outcome;
 use common::*;
 use cottontail::lapin::types::AMQPValue;
 use cottontail::lapin::{BasicProperties, Connection};
-use cottontail::{App, HandlerError, Json, Progress, Queue, RetryPolicy};
+use cottontail::{App, HandlerError, Json, Progress, Queue, RetryPolicy, State};
 use serde_json::{json, Value};
 
 /// Overall deadline of each test.
@@ -332,6 +336,106 @@ async fn killing_a_replay_midway_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_listing_midway_loses_nothing() {
     bounded(LIMIT, killing_midway_loses_nothing("list")).await;
+}
+
+/// Whether [`gated`] refuses its messages; the test flips it between the first run and the
+/// replay.
+#[derive(Clone, Default)]
+struct Refusing(Arc<AtomicBool>);
+
+async fn gated(
+    State(refusing): State<Refusing>,
+    Json(v): Json<Value>,
+) -> Result<Json<Value>, HandlerError> {
+    if refusing.0.load(Ordering::SeqCst) {
+        return Err(HandlerError::permanent("invalid_input", "refused"));
+    }
+    Ok(Json(v))
+}
+
+/// A request with `reply_to` is dead-lettered (its caller gets the `error` reply), replayed
+/// with `cottontail dlq replay` and handled again: refused again, or, when `fixed`, accepted.
+/// Returns every reply the caller got (`x-status`, body), once the replay was handled and any
+/// reply it sent has arrived.
+async fn replay_a_request_that_got_its_error_reply(fixed: bool) -> Vec<(String, String)> {
+    let refusing = Refusing::default();
+    refusing.0.store(true, Ordering::SeqCst);
+    let queue = Queue::new(unique("cli-replied")).expires(EXPIRES);
+    let app = App::new(refusing.clone()).handler(queue.clone(), gated);
+    let metrics = app.metrics().clone();
+    let app = start(app, &unique("app")).await;
+    let conn = connect(&unique("test")).await;
+    let (reply_to, replies) = reply_queue(&conn).await;
+    let ch = confirm_channel(&conn).await;
+    let request = json_props()
+        .with_message_id("m-1".into())
+        .with_correlation_id("c-1".into())
+        .with_reply_to(reply_to.clone().into());
+    publish(&ch, queue.name(), br#"{"n":1}"#, request).await;
+    let first = replies.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(header_str(&first[0], "x-status").as_deref(), Some("error"));
+    wait_depth(&conn, &queue.dlq_name(), 1).await;
+
+    refusing.0.store(!fixed, Ordering::SeqCst);
+    let (code, stdout, stderr) = run_cli(CLI, &["dlq", "replay", queue.name()]).await;
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("1 message(s) replayed"), "{stdout}");
+    // The outcome is counted after any reply was confirmed, so a reply is in the queue by then.
+    let (settled, runs) = if fixed {
+        ("ok", 1.0)
+    } else {
+        ("dead_lettered", 2.0)
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the replay to be handled",
+        || async { outcome(&metrics, queue.name(), settled) == runs },
+    )
+    .await;
+    // A marker behind any such reply: once it arrives, everything before it has too.
+    let marker = json_props().with_correlation_id("marker".into());
+    publish(&ch, &reply_to, b"marker", marker).await;
+    let is_marker = |r: &Received| r.data == b"marker";
+    wait_until(Duration::from_secs(20), "the marker", || async {
+        replies.all().iter().any(is_marker)
+    })
+    .await;
+    let all = replies.all();
+    let before_marker = &all[..all.iter().position(is_marker).unwrap()];
+
+    wait_depth(&conn, &queue.dlq_name(), u32::from(!fixed)).await;
+    app.stop().await.unwrap();
+    delete_queues_quietly(&handler_queues(&queue, &RetryPolicy::default())).await;
+    before_marker
+        .iter()
+        .map(|r| {
+            let correlation_id = r.properties.correlation_id().as_ref().map(|s| s.as_str());
+            assert_eq!(correlation_id, Some("c-1"));
+            let status = header_str(r, "x-status").unwrap_or_default();
+            (status, String::from_utf8_lossy(&r.data).into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_refused_again_sends_no_second_error_reply() {
+    bounded(LIMIT, async {
+        let replies = replay_a_request_that_got_its_error_reply(false).await;
+        let statuses: Vec<&str> = replies.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(statuses, ["error"], "replies: {replies:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_that_succeeds_sends_no_reply_after_the_error() {
+    bounded(LIMIT, async {
+        let replies = replay_a_request_that_got_its_error_reply(true).await;
+        // One final reply per request: the caller already has its `error`.
+        let statuses: Vec<&str> = replies.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(statuses, ["error"], "replies: {replies:?}");
+    })
+    .await;
 }
 
 async fn echo(Json(v): Json<Value>) -> Json<Value> {

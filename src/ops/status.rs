@@ -60,16 +60,23 @@ impl RecentDeadLetters {
     }
 }
 
+/// Counts are integers in the JSON (`3`, not `3.0`), though Prometheus keeps them as `f64`.
 #[derive(Serialize, Default)]
 struct HandlerRow {
     handler: String,
     queue: String,
     consuming: bool,
-    ok: f64,
-    retried: f64,
-    dead_lettered: f64,
-    duplicate: f64,
-    in_flight: f64,
+    ok: u64,
+    retried: u64,
+    dead_lettered: u64,
+    duplicate: u64,
+    in_flight: u64,
+}
+
+/// A Prometheus counter or gauge value as a count (they only ever hold whole numbers).
+fn count(value: f64) -> u64 {
+    // `as` saturates: a negative or NaN value becomes 0.
+    value.round() as u64
 }
 
 /// The JSON behind the page.
@@ -108,10 +115,10 @@ pub(crate) fn snapshot(
             };
             row.queue = label("queue");
             if name == "cottontail_in_flight" {
-                row.in_flight = m.get_gauge().get_value();
+                row.in_flight = count(m.get_gauge().get_value());
                 continue;
             }
-            let value = m.get_counter().get_value();
+            let value = count(m.get_counter().get_value());
             match label("outcome").as_str() {
                 "ok" => row.ok = value,
                 "retried" => row.retried = value,

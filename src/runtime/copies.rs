@@ -15,7 +15,8 @@ use crate::ops::trace_context::TRACEPARENT;
 use crate::queue::RetryPolicy;
 
 /// Publishes the message to `<queue>.dlq` (through the dead-letter exchange) with `x-error`,
-/// `x-error-kind`, `x-attempts` and `x-handler`.
+/// `x-error-kind`, `x-attempts` and `x-handler`, and `x-reply-sent` when it has a `reply_to`
+/// (its caller gets the `error` reply next; a replay must not answer it again).
 pub(crate) async fn dead_letter(
     msg: &Message,
     error: &HandlerError,
@@ -27,6 +28,9 @@ pub(crate) async fn dead_letter(
     headers::set_string(&mut table, headers::ERROR_KIND, error.kind());
     headers::set_int(&mut table, headers::ATTEMPTS, u64::from(attempts));
     headers::set_string(&mut table, headers::HANDLER, msg.handler());
+    if msg.reply_to().is_some() {
+        headers::set_string(&mut table, headers::REPLY_SENT, "error");
+    }
     let properties = republish_properties(msg.properties()).with_headers(table);
     msg.publisher()
         .publish(

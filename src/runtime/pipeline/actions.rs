@@ -33,7 +33,7 @@ impl Worker {
     /// The `ok` reply (confirmed) to a caller waiting on `reply_to`, if any; a failed publish
     /// is the verdict.
     pub(super) async fn reply_ok(&self, msg: &Message, body: Vec<u8>) -> Result<(), Verdict> {
-        let Some(reply_to) = msg.reply_to() else {
+        let Some(reply_to) = msg.reply_target() else {
             return Ok(());
         };
         let trace = Some(msg.trace());
@@ -76,7 +76,8 @@ impl Worker {
         self.dead_letter(msg, error, attempt).await
     }
 
-    /// Dead-letters with the reason; the caller (if any) gets an `error` reply.
+    /// Dead-letters with the reason; the caller (if any) gets an `error` reply, unless it got
+    /// one before this message was replayed from the DLQ.
     pub(crate) async fn dead_letter(
         &self,
         msg: &Message,
@@ -92,7 +93,7 @@ impl Worker {
         if let Err(e) = copies::dead_letter(msg, &error, attempts).await {
             return self.publish_failed(e);
         }
-        if let Some(reply_to) = msg.reply_to() {
+        if let Some(reply_to) = msg.reply_target() {
             let body = reply::error_body(&error);
             if let Err(e) = reply::send(
                 msg.publisher(),
