@@ -158,16 +158,11 @@ pub async fn declare_plain(ch: &Channel, name: &str, args: FieldTable) {
     .unwrap();
 }
 
-/// Deletes queues (and ignores those already gone).
+/// Deletes queues (and ignores those already gone). Time-bounded: a connection the broker
+/// drops mid-delete can leave lapin's promise pending forever (seen once: a whole test binary
+/// hung after its assertions had passed).
 pub async fn delete_queues(names: &[String]) {
-    let conn = connect("test-cleanup").await;
-    for name in names {
-        let ch = conn.create_channel().await.unwrap();
-        let _ = ch
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = conn.close(200, "bye".into()).await;
+    delete_queues_quietly(names).await
 }
 
 /// Every queue cottontail declares for a handler on `queue` with `policy` tiers.
