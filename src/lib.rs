@@ -104,6 +104,7 @@ mod runtime;
 mod schedule;
 pub mod stores;
 pub mod testing;
+pub mod workflow;
 
 pub use app::{App, Running};
 pub use config::Config;
@@ -120,6 +121,7 @@ pub use queue::{
     Bands, Dedup, GapPolicy, Ordering, Queue, QueueType, RetryPolicy, DEFAULT_HANDLER_TIMEOUT,
 };
 pub use schedule::{Missed, Schedule, Tick};
+pub use workflow::Workflow;
 
 /// A boxed, sendable future: what handlers, middleware and store methods return.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;

@@ -62,6 +62,38 @@ pub fn schedule_state_queue(schedule: &str) -> String {
     format!("cottontail.schedule.{schedule}.state")
 }
 
+/// `W.<step>`: the queue of step `step` of workflow `workflow` (the workflow's own name is its
+/// entry queue).
+pub fn workflow_step(workflow: &str, step: &str) -> String {
+    format!("{workflow}.{step}")
+}
+
+/// `W.<step>.compensate`: the queue of the compensation of step `step` of `workflow`.
+pub fn workflow_compensation(workflow: &str, step: &str) -> String {
+    format!("{workflow}.{step}.compensate")
+}
+
+/// `<id>:<step>`: the `message_id` of workflow `id`'s step message, so each step is
+/// deduplicated (and has a job status) by workflow id and step. `:` rather than `/`, so the
+/// id stays one path segment of `/jobs/{message_id}`.
+pub fn workflow_step_id(id: &str, step: &str) -> String {
+    format!("{id}:{step}")
+}
+
+/// `<id>:<step>:compensate`: the `message_id` of the compensation of workflow `id`'s step.
+pub fn workflow_compensation_id(id: &str, step: &str) -> String {
+    format!("{id}:{step}:compensate")
+}
+
+/// `<message_id>#continued`: the dedup key recording that a workflow message's continuation
+/// (the next step, the compensations or the final reply) was published.
+pub fn workflow_continued(message_id: &str) -> String {
+    format!("{message_id}#continued")
+}
+
+/// Step names that would collide with the queues cottontail declares around the entry queue.
+pub const RESERVED_STEP_NAMES: &[&str] = &["dlq", "retry", "band", "partition", "members"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +130,16 @@ mod tests {
             schedule_state_queue("nightly"),
             "cottontail.schedule.nightly.state"
         );
+        assert_eq!(workflow_step("bookings", "hotel"), "bookings.hotel");
+        assert_eq!(
+            workflow_compensation("bookings", "hotel"),
+            "bookings.hotel.compensate"
+        );
+        assert_eq!(workflow_step_id("b-1", "hotel"), "b-1:hotel");
+        assert_eq!(
+            workflow_compensation_id("b-1", "hotel"),
+            "b-1:hotel:compensate"
+        );
+        assert_eq!(workflow_continued("b-1:hotel"), "b-1:hotel#continued");
     }
 }
