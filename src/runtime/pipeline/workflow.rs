@@ -96,13 +96,16 @@ impl Worker {
                 Ok(Found::Done(record)) => {
                     // Ran to an end before (a redelivery, a duplicate): continue from the
                     // record, never run the effect again.
-                    self.metrics.duplicate.inc();
                     let Some(record) = record.and_then(|r| serde_json::from_slice(&r).ok()) else {
                         tracing::warn!("workflow message recorded without a readable record");
+                        self.metrics.duplicate.inc();
                         return Verdict::Duplicate;
                     };
                     return match self.continue_once(&msg, flow, origin, record).await {
-                        Ok(()) => Verdict::Duplicate,
+                        Ok(()) => {
+                            self.metrics.duplicate.inc();
+                            Verdict::Duplicate
+                        }
                         Err(verdict) => verdict,
                     };
                 }
