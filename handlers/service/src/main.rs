@@ -1,4 +1,5 @@
-//! `cottontail-demo`: one service running every example handler (DESIGN.md contract).
+//! `cottontail-demo`: one service running every example handler and workflow (DESIGN.md
+//! contract).
 //!
 //! Stores: `REDIS_URL` set → Redis for dedup, job statuses, sequence state and the order
 //! book; else `DATABASE_URL` set → PostgreSQL for dedup, job statuses and sequence state
@@ -97,10 +98,18 @@ async fn run() -> Result<(), cottontail::Error> {
     .schedule(
         cottontail_reports::schedule(&reports)?,
         // A shared dedup store makes a tick run once even across a leader change.
-        cottontail_reports::queue().dedup(Dedup::shared(stores.dedup)),
+        cottontail_reports::queue().dedup(Dedup::shared(stores.dedup.clone())),
         cottontail_reports::handle,
     )
     .output(cottontail_reports::OUTPUT)
+    // Each step runs once per booking across instances through the shared store.
+    .workflow(
+        cottontail_bookings::workflow(cottontail_bookings::WORKFLOW)
+            .dedup(Dedup::shared(stores.dedup)),
+    )
+    .output(cottontail_bookings::events_queue(
+        cottontail_bookings::WORKFLOW,
+    ))
     .run(config)
     .await
 }
