@@ -73,13 +73,14 @@
 //! | the message a handler sees | `message.rs` ([`Message`]) |
 //! | per-handler settings | `queue/` ([`Queue`], [`RetryPolicy`], [`Bands`], [`Ordering`], [`Dedup`]) |
 //! | schedules | `schedule.rs` ([`Schedule`], [`Tick`]) |
+//! | workflows: routing slips with compensation | [`workflow`] ([`Workflow`]; the slip and its plans are pure functions) |
 //! | broker names of every queue and exchange | [`names`] |
 //! | header names of the message contract | [`headers`] |
 //! | dedup, job-status and sequence stores | [`stores`] (memory, Redis, PostgreSQL) |
 //! | producers: publish, RPC calls, replies | [`client`] |
 //! | connecting (URLs, TLS, the frame guard) | [`connection`] |
 //! | HTTP, health, metrics, status page, trace context | [`ops`] |
-//! | how it runs (crate-private) | `runtime/`: `supervisor` → `session` → `consume` loops → `pipeline/` (`guards` → `dedup` → `run` → `actions`) → `acker`; `copies` (retry, DLQ, park), `topology`, `job_writer`, `scheduler/`, `ordered/` (`balance`, `partition`, `resequencer`) |
+//! | how it runs (crate-private) | `runtime/`: `supervisor` → `session` → `consume` loops → `pipeline/` (`guards` → `dedup` → `run` → `actions`; `workflow` continues a workflow) → `acker`; `copies` (retry, DLQ, park), `topology`, `job_writer`, `scheduler/`, `ordered/` (`balance`, `partition`, `resequencer`) |
 //!
 //! The external contracts (headers, replies, DLQ headers, queue names, HTTP, CLI) are in
 //! `docs/contracts.md`.

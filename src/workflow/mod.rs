@@ -38,7 +38,7 @@
 //! ```
 //!
 //! **Queues.** The workflow's name is its entry queue (`trips`); step `s` runs on
-//! `trips.s`, its compensation on `trips.s.compensate` (see [`names`](crate::names)).
+//! `trips.s`, its compensation on `trips.s.compensate` (every name is in [`crate::names`]).
 //!
 //! **The routing slip.** The entry handler gives the workflow an id (the entry message's
 //! `message_id`) and sends the first step message. Every step and compensation message
