@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use cottontail::lapin::types::FieldTable;
 use cottontail::lapin::BasicProperties;
-use cottontail::stores::{JobStore, MemoryJobs, MemoryStore};
+use cottontail::stores::{MemoryJobs, MemoryStore};
 use cottontail::workflow::{Input, Workflow};
 use cottontail::{headers, App, Attempt, Dedup, HandlerError, Json, Queue, RetryPolicy};
 use cottontail_bookings::Event;
@@ -314,23 +314,7 @@ async fn bookings_end_once_and_failed_ones_are_compensated_in_reverse_order_once
             } else {
                 "compensated"
             };
-            let id = format!("b-{i}");
-            let jobs = jobs.clone();
-            wait_until(
-                Duration::from_secs(10),
-                &format!("job {id} {want}"),
-                move || {
-                    let (jobs, id) = (jobs.clone(), id.clone());
-                    async move {
-                        jobs.get(&id)
-                            .await
-                            .ok()
-                            .flatten()
-                            .is_some_and(|j| j.status == want)
-                    }
-                },
-            )
-            .await;
+            wait_job_status(&*jobs, &format!("b-{i}"), want, Duration::from_secs(10)).await;
         }
         let text = metrics.render();
         let counter = |metric: &str| {
@@ -486,4 +470,183 @@ async fn invalid_workflows_are_refused_at_start() {
             .expect("refused");
         assert!(error.to_string().contains(why), "{error}");
     }
+}
+
+/// Set on the child processes of the fleet test: the workflow's name and the Redis key prefix.
+const WORKER_WORKFLOW: &str = "COTTONTAIL_TEST_WORKFLOW";
+const WORKER_PREFIX: &str = "COTTONTAIL_TEST_WORKFLOW_PREFIX";
+
+/// The dedup settings of the fleet: a killed instance's claims lapse after 3 s.
+fn fleet_dedup(store: cottontail::stores::RedisStore) -> Dedup {
+    Dedup::new(store)
+        .lease(Duration::from_secs(3))
+        .busy_delay(Duration::from_millis(200))
+        .retention(Duration::from_secs(600))
+}
+
+/// The child side of the fleet test: a no-op unless the parent set [`WORKER_WORKFLOW`], then
+/// one instance of the bookings workflow, with Redis for dedup and job statuses, until
+/// killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_worker() {
+    let (Ok(name), Ok(prefix)) = (std::env::var(WORKER_WORKFLOW), std::env::var(WORKER_PREFIX))
+    else {
+        return;
+    };
+    let store = cottontail::stores::RedisStore::connect(&redis_url(), &prefix)
+        .await
+        .expect("Redis");
+    App::new(())
+        .workflow(
+            cottontail_bookings::workflow(&name)
+                .dedup(fleet_dedup(store.clone()))
+                .queues(|q| q.expires(EXPIRES)),
+        )
+        .job_store(store)
+        .run(config(&unique("fleet")))
+        .await
+        .expect("worker runs until killed");
+}
+
+/// 200 bookings on 3 instances sharing Redis, one killed with SIGKILL mid-run: every booking
+/// ends (all its final replies alike, none contradicting another), none is left half-done,
+/// effects and compensations come in order, and `/jobs` (the shared store) says how each
+/// ended. What SIGKILL can cost is a repeat of what the killed instance had confirmed but not
+/// yet recorded (a reply or an event, within one store round trip): counted and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_sharing_redis_finishes_every_booking_when_an_instance_is_killed() {
+    if std::env::var(WORKER_WORKFLOW).is_ok() {
+        return;
+    }
+    bounded(Duration::from_secs(180), async {
+        const N: usize = 200;
+        let name = unique("fleet");
+        let prefix = unique("fleet-redis");
+        let events = cottontail_bookings::events_queue(&name);
+        let conn = connect(&unique("caller")).await;
+        let ch = confirm_channel(&conn).await;
+        declare_plain(&ch, &events, expiring_quorum_args()).await;
+        let env = [
+            (WORKER_WORKFLOW, name.clone()),
+            (WORKER_PREFIX, prefix.clone()),
+        ];
+        let mut workers: Vec<ChildGuard> = (0..3)
+            .map(|_| ChildGuard(Some(spawn_child_quiet("workflow_worker", &env))))
+            .collect();
+        let last = cottontail::names::workflow_compensation(&name, "flight");
+        // Consumers per queue and instance on this machine.
+        let per_instance = Queue::new(&name).consumer_shares().len() as u32;
+        wait_until(Duration::from_secs(60), "3 instances consuming", || {
+            let (conn, name, last) = (&conn, name.clone(), last.clone());
+            async move {
+                let consumers = |q: Option<(u32, u32)>| q.map_or(0, |(_, c)| c);
+                consumers(queue_counts_if_declared(conn, &name).await) >= 3 * per_instance
+                    && consumers(queue_counts_if_declared(conn, &last).await) >= 3 * per_instance
+            }
+        })
+        .await;
+        let (reply_to, replies) = reply_queue(&conn).await;
+        let announced = collect(&conn, &events).await;
+        let items = (0..N)
+            .map(|i| {
+                let props = json_props()
+                    .with_reply_to(reply_to.as_str().into())
+                    .with_correlation_id(format!("b-{i}").into())
+                    .with_message_id(format!("b-{i}").into());
+                (booking(i).to_string().into_bytes(), props)
+            })
+            .collect();
+        publish_many(&ch, &name, items).await;
+        wait_until(
+            Duration::from_secs(60),
+            "a third of the bookings done",
+            || {
+                let n = finals(&replies);
+                async move { n >= N / 3 }
+            },
+        )
+        .await;
+        workers[0].kill9().await;
+        wait_until(
+            Duration::from_secs(90),
+            "every booking's final reply",
+            || {
+                let by = replies_by_caller(&replies);
+                async move {
+                    by.len() == N
+                        && by
+                            .values()
+                            .all(|all| all.iter().any(|(s, _)| s != "progress"))
+                }
+            },
+        )
+        .await;
+        let expected_total: usize = (0..N).map(|i| expected_events(i).len()).sum();
+        announced
+            .wait_for(expected_total, Duration::from_secs(20))
+            .await;
+
+        let by_caller = replies_by_caller(&replies);
+        let by_trip = events_by_trip(&announced);
+        let (mut repeated_replies, mut repeated_events) = (0, 0);
+        for i in 0..N {
+            let finals: Vec<&(String, Value)> = by_caller[&format!("b-{i}")]
+                .iter()
+                .filter(|(s, _)| s != "progress")
+                .collect();
+            assert!(
+                finals.windows(2).all(|w| w[0] == w[1]),
+                "b-{i}: contradicting final replies {finals:?}"
+            );
+            repeated_replies += finals.len() - 1;
+            let want = if fail_at(i).is_none() { "ok" } else { "error" };
+            assert_eq!(finals[0].0, want, "b-{i}: {:?}", finals[0]);
+            if let Some(step) = fail_at(i) {
+                assert_eq!(finals[0].1["error"]["failed_step"], step);
+            }
+            // Each event once, in order; a repeat can only follow its original.
+            let seen = by_trip.get(&format!("t-{i}")).cloned().unwrap_or_default();
+            let mut distinct = seen.clone();
+            distinct.dedup();
+            repeated_events += seen.len() - distinct.len();
+            let expected: Vec<(String, String)> = expected_events(i)
+                .iter()
+                .map(|(s, a)| (s.to_string(), a.to_string()))
+                .collect();
+            assert_eq!(
+                distinct, expected,
+                "events of t-{i} (half-done or out of order)"
+            );
+        }
+        eprintln!(
+            "fleet: {repeated_replies} repeated final replies, {repeated_events} repeated events \
+             after one SIGKILL"
+        );
+
+        let jobs = cottontail::stores::RedisStore::connect(&redis_url(), &prefix)
+            .await
+            .unwrap();
+        for i in 0..N {
+            let want = if fail_at(i).is_none() {
+                "succeeded"
+            } else {
+                "compensated"
+            };
+            wait_job_status(&jobs, &format!("b-{i}"), want, Duration::from_secs(10)).await;
+        }
+
+        for worker in &mut workers {
+            worker.kill9().await;
+        }
+        let dedup = fleet_dedup(jobs);
+        let mut queues = workflow_queues(
+            &name,
+            &["hotel", "flight", "payment"],
+            &["hotel", "flight"],
+            &dedup,
+        );
+        queues.push(events);
+        delete_queues_quietly(&queues).await;
+    })
+    .await;
 }
