@@ -101,7 +101,7 @@ impl Worker {
                         self.metrics.duplicate.inc();
                         return Verdict::Duplicate;
                     };
-                    return match self.continue_once(&msg, flow, origin, record).await {
+                    return match self.continue_once(&msg, flow, origin, record, false).await {
                         Ok(()) => {
                             self.metrics.duplicate.inc();
                             Verdict::Duplicate
@@ -152,7 +152,7 @@ impl Worker {
             }
         };
         self.save(&msg, claim.as_ref(), &record).await;
-        match self.continue_once(&msg, flow, origin, record).await {
+        match self.continue_once(&msg, flow, origin, record, true).await {
             Ok(()) => Verdict::Done,
             Err(verdict) => verdict,
         }
@@ -230,7 +230,7 @@ impl Worker {
             self.save(msg, claim, &record).await;
             Verdict::Done
         };
-        match self.continue_once(msg, flow, origin, record).await {
+        match self.continue_once(msg, flow, origin, record, true).await {
             Ok(()) => verdict,
             Err(verdict) => verdict,
         }
@@ -256,13 +256,15 @@ impl Worker {
     }
 
     /// Publishes what follows `record`, once per message id: a second key records that it
-    /// was published (a duplicate that finds it acks without publishing again).
+    /// was published (a duplicate that finds it acks without publishing again). `fresh`: the
+    /// handler ran in this attempt (not a redelivery continuing from its record).
     async fn continue_once(
         &self,
         msg: &Message,
         flow: &Flow,
         origin: Origin,
         record: Record,
+        fresh: bool,
     ) -> Result<(), Verdict> {
         let claim = match msg.message_id() {
             Some(id) => match self.claim_id(msg, &names::workflow_continued(id)).await? {
@@ -274,6 +276,17 @@ impl Worker {
         let id = origin.id().to_owned();
         let caller = origin.caller().clone();
         let plan = plan_for(flow, origin, record);
+        if flow.role.kind == RoleKind::Entry && fresh {
+            // Stored before the first step exists, so it cannot land after the end.
+            flow.metrics.started.inc();
+            if let Some(jobs) = &flow.jobs {
+                jobs.write_now(&id, "running", 1, |_| {}).await;
+            }
+        }
+        // The end is stored before the final reply, so that the window between the reply and
+        // the mark (where a killed instance leaves a redelivery to reply again) is one store
+        // call; a redelivery that continues writes the same end again.
+        self.account(flow, &id, &plan).await;
         if let Err(e) = self.publish_plan(msg, &caller, &plan).await {
             if let Some(claim) = &claim {
                 claim.release(msg.handler()).await;
@@ -283,7 +296,6 @@ impl Worker {
         if let Some(claim) = &claim {
             claim.complete(msg.handler(), None).await;
         }
-        self.account(flow, &id, &plan);
         Ok(())
     }
 
@@ -333,31 +345,25 @@ impl Worker {
         }
     }
 
-    /// Metrics and the workflow's job status for a published plan.
-    fn account(&self, flow: &Flow, id: &str, plan: &Plan) {
-        let record = |status: &str, detail: &dyn Fn(&mut crate::stores::JobStatus)| {
-            if let Some(jobs) = &flow.jobs {
-                jobs.record(id, status, 1, detail);
-            }
+    /// Metrics and the workflow's job status at its end, written to the store before the
+    /// mark and the ack (see `JobRecorder::write_now`).
+    async fn account(&self, flow: &Flow, id: &str, plan: &Plan) {
+        let Next::Finish(last) = &plan.next else {
+            return;
         };
-        if flow.role.kind == RoleKind::Entry {
-            flow.metrics.started.inc();
-            record("running", &|_| {});
+        match last {
+            Final::Succeeded(_) => flow.metrics.completed.inc(),
+            Final::Compensated { .. } => flow.metrics.compensated.inc(),
         }
-        if let Next::Finish(last) = &plan.next {
-            match last {
-                Final::Succeeded(output) => {
-                    flow.metrics.completed.inc();
-                    record(last.job_status(), &|j| j.result = Some(output.clone()));
+        if let Some(jobs) = &flow.jobs {
+            jobs.write_now(id, last.job_status(), 1, |j| match last.reply() {
+                Ok(output) => j.result = Some(output.clone()),
+                Err(_) => {
+                    j.error = Some(last.error());
+                    j.retrying = Some(false);
                 }
-                Final::Compensated { .. } => {
-                    flow.metrics.compensated.inc();
-                    record(last.job_status(), &|j| {
-                        j.error = Some(last.error());
-                        j.retrying = Some(false);
-                    });
-                }
-            }
+            })
+            .await;
         }
     }
 }
