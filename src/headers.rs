@@ -49,6 +49,8 @@ pub const WORKFLOW_COMPENSATED: &str = "x-workflow-compensated";
 pub const WORKFLOW_COMPENSATION_FAILED: &str = "x-workflow-compensation-failed";
 /// Compensation messages: the step that failed.
 pub const WORKFLOW_FAILED_STEP: &str = "x-workflow-failed-step";
+/// Compensation messages: when a fan-out step failed, the index of its first failed child.
+pub const WORKFLOW_FAILED_INDEX: &str = "x-workflow-failed-index";
 /// Compensation messages: the failed step's error kind.
 pub const WORKFLOW_ERROR_KIND: &str = "x-workflow-error-kind";
 /// Compensation messages: the failed step's error message.

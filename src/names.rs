@@ -85,6 +85,30 @@ pub fn workflow_compensation_id(id: &str, step: &str) -> String {
     format!("{id}:{step}:compensate")
 }
 
+/// `W.<step>.join`: where the child jobs of fan-out step `step` reply; its consumer joins
+/// them.
+pub fn workflow_join(workflow: &str, step: &str) -> String {
+    format!("{workflow}.{step}.join")
+}
+
+/// `<id>:<step>:<i>`: the `message_id` of child `i` of workflow `id`'s fan-out step.
+pub fn workflow_child_id(id: &str, step: &str, i: usize) -> String {
+    format!("{id}:{step}:{i}")
+}
+
+/// `<id>:<step>:<i>/<n>`: the `correlation_id` of child `i` of `n`, which its reply carries
+/// back to the join (everything the join needs to place it; parsed by
+/// `workflow::plan::parse_child`).
+pub fn workflow_child_correlation(id: &str, step: &str, i: usize, n: usize) -> String {
+    format!("{id}:{step}:{i}/{n}")
+}
+
+/// `<id>:<step>#joined`: the dedup key recording that a fan-out step's join continued the
+/// workflow (whichever child reply completed it, on whichever instance).
+pub fn workflow_joined(join_id: &str) -> String {
+    format!("{join_id}#joined")
+}
+
 /// `<message_id>#continued`: the dedup key recording that a workflow message's continuation
 /// (the next step, the compensations or the final reply) was published.
 pub fn workflow_continued(message_id: &str) -> String {

@@ -33,6 +33,7 @@ pub struct Metrics {
     workflows_started: IntCounterVec,
     workflows_completed: IntCounterVec,
     workflows_compensated: IntCounterVec,
+    workflows_failed: IntCounterVec,
     compensation_failures: IntCounterVec,
     step_duration: HistogramVec,
 }
@@ -216,6 +217,10 @@ impl Metrics {
             "cottontail_workflows_compensated_total",
             "Workflows that failed at a step and were compensated (final error reply)",
         );
+        let workflows_failed = workflow_counter(
+            "cottontail_workflows_failed_total",
+            "Workflows without compensations that failed at a step (final error reply)",
+        );
         let compensation_failures = IntCounterVec::new(
             Opts::new(
                 "cottontail_workflow_compensation_failures_total",
@@ -257,6 +262,7 @@ impl Metrics {
             Box::new(workflows_started.clone()),
             Box::new(workflows_completed.clone()),
             Box::new(workflows_compensated.clone()),
+            Box::new(workflows_failed.clone()),
             Box::new(compensation_failures.clone()),
             Box::new(step_duration.clone()),
         ] {
@@ -289,6 +295,7 @@ impl Metrics {
             workflows_started,
             workflows_completed,
             workflows_compensated,
+            workflows_failed,
             compensation_failures,
             step_duration,
         }
@@ -300,6 +307,7 @@ impl Metrics {
             started: self.workflows_started.with_label_values(&[workflow]),
             completed: self.workflows_completed.with_label_values(&[workflow]),
             compensated: self.workflows_compensated.with_label_values(&[workflow]),
+            failed: self.workflows_failed.with_label_values(&[workflow]),
             step: step.map(|step| StepMetrics {
                 compensation_failures: self
                     .compensation_failures
@@ -432,6 +440,7 @@ pub(crate) struct WorkflowMetrics {
     pub started: IntCounter,
     pub completed: IntCounter,
     pub compensated: IntCounter,
+    pub failed: IntCounter,
     /// A step's or compensation's own series (none for the entry queue).
     pub step: Option<StepMetrics>,
 }

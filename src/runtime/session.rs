@@ -111,7 +111,7 @@ impl Session {
                     let step = (role.kind != crate::workflow::RoleKind::Entry)
                         .then(|| h.queue.name().strip_prefix(&format!("{name}.")))
                         .flatten()
-                        .map(|s| s.trim_end_matches(".compensate"));
+                        .map(|s| s.trim_end_matches(".compensate").trim_end_matches(".join"));
                     Flow {
                         role: role.clone(),
                         metrics: sup.metrics.workflow(name, step),

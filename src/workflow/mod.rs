@@ -116,6 +116,8 @@ struct StepSpec<S> {
     name: String,
     handler: MakeHandler<S>,
     compensation: Option<MakeHandler<S>>,
+    /// A fan-out step: the handler queue its child jobs go to.
+    fan_out: Option<String>,
 }
 
 impl<S: Clone + Send + Sync + 'static> Workflow<S> {
@@ -142,7 +144,30 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
             name: name.into(),
             handler: Box::new(move |state| BoxedHandler::from_handler(handler, state)),
             compensation: None,
+            fan_out: None,
         });
+        self
+    }
+
+    /// Appends fan-out step `name` (a group with its join, a chord): `handler` runs on
+    /// `<workflow>.<name>` and returns a JSON array, one child job input per item; each item
+    /// is sent to the handler queue `queue` (any handler, through its normal contract, with
+    /// `reply_to` = the join queue `<workflow>.<name>.join`). When every child has replied,
+    /// the step completes with their outputs in input order (recorded under `name`, like any
+    /// step's); if a child ends in an error (dead-lettered), the step fails with that child's
+    /// error and `index` (the first failed one) and the workflow compensates. The join fires
+    /// once per workflow even with duplicate or redelivered child replies and several
+    /// instances: replies are recorded per index in the workflow's dedup store
+    /// ([`DedupStore::join_record`](crate::stores::DedupStore::join_record)) and the
+    /// continuation is marked like any step's.
+    pub fn fan_out<H, Args>(mut self, name: impl Into<String>, handler: H, queue: &str) -> Self
+    where
+        H: Handler<Args, S>,
+    {
+        self = self.step(name, handler);
+        if let Some(step) = self.steps.last_mut() {
+            step.fan_out = Some(queue.to_owned());
+        }
         self
     }
 
@@ -225,6 +250,7 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
         let definition = Arc::new(Definition {
             name: name.clone(),
             steps: steps.iter().map(|s| s.name.clone()).collect(),
+            compensates: steps.iter().any(|s| s.compensation.is_some()),
             finish: finish.unwrap_or_else(|| {
                 Arc::new(|context: &Context| {
                     Ok(serde_json::Value::Object(context.results().clone()))
@@ -236,29 +262,37 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
             // workflow's.
             queues(Queue::new(name)).dedup(dedup.clone())
         };
-        let role = |kind: RoleKind| {
+        let role = |kind: RoleKind, fan_out: Option<String>| {
             Arc::new(Role {
                 definition: definition.clone(),
                 kind,
+                fan_out,
             })
         };
         let mut handlers = vec![(
             queue(name.clone()),
             BoxedHandler::from_handler(accept, ()),
-            role(RoleKind::Entry),
+            role(RoleKind::Entry, None),
         )];
         for step in steps {
             let compensable = step.compensation.is_some();
+            if step.fan_out.is_some() {
+                handlers.push((
+                    queue(names::workflow_join(&name, &step.name)),
+                    BoxedHandler::from_handler(accept, ()),
+                    role(RoleKind::Join { compensable }, None),
+                ));
+            }
             handlers.push((
                 queue(names::workflow_step(&name, &step.name)),
                 (step.handler)(state.clone()),
-                role(RoleKind::Step { compensable }),
+                role(RoleKind::Step { compensable }, step.fan_out),
             ));
             if let Some(compensation) = step.compensation {
                 handlers.push((
                     queue(names::workflow_compensation(&name, &step.name)),
                     compensation(state.clone()),
-                    role(RoleKind::Compensation),
+                    role(RoleKind::Compensation, None),
                 ));
             }
         }
@@ -309,6 +343,9 @@ pub(crate) struct Definition {
     pub name: String,
     /// Its steps, in order: the itinerary a new workflow starts with.
     pub steps: Vec<String>,
+    /// Whether any step has a compensation: a failure then ends as `compensated` (even with
+    /// nothing to undo); otherwise as the failed step's own error.
+    pub compensates: bool,
     /// Builds the final output.
     pub finish: Finish,
 }
@@ -317,6 +354,8 @@ pub(crate) struct Definition {
 pub(crate) struct Role {
     pub definition: Arc<Definition>,
     pub kind: RoleKind,
+    /// A fan-out step: the handler queue of its children.
+    pub fan_out: Option<String>,
 }
 
 /// Which queue of a workflow.
@@ -328,4 +367,7 @@ pub(crate) enum RoleKind {
     Step { compensable: bool },
     /// A step's compensation.
     Compensation,
+    /// The join of a fan-out step (`compensable`: the step has a compensation): consumes the
+    /// children's replies, never runs a handler.
+    Join { compensable: bool },
 }

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::HandlerError;
 use crate::headers;
 
-/// The routing slip of one workflow message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The routing slip of one workflow message (serializable too: a fan-out step keeps it in the
+/// store for its join).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub(crate) struct Slip {
     /// The workflow's name (its entry queue).
     pub workflow: String,
@@ -35,7 +36,7 @@ pub(crate) struct Slip {
 }
 
 /// The step failure that made a workflow compensate.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub(crate) struct Failure {
     /// The step that failed (`finish` when the final output could not be built).
     pub step: String,
@@ -43,10 +44,12 @@ pub(crate) struct Failure {
     pub kind: String,
     /// Its error message.
     pub message: String,
+    /// A fan-out step: the index of its first failed child.
+    pub index: Option<u64>,
 }
 
 /// Where the workflow's progress and final replies go.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub(crate) struct Caller {
     /// The entry message's `reply_to`.
     pub reply_to: Option<String>,
@@ -109,6 +112,9 @@ impl Slip {
                 headers::WORKFLOW_ERROR,
                 failure.message.as_str(),
             );
+            if let Some(index) = failure.index {
+                headers::set_int(&mut table, headers::WORKFLOW_FAILED_INDEX, index);
+            }
         }
         table
     }
@@ -127,6 +133,7 @@ impl Slip {
                 step,
                 kind: text(headers::WORKFLOW_ERROR_KIND)?,
                 message: headers::get_string(table, headers::WORKFLOW_ERROR).unwrap_or_default(),
+                index: headers::get_u64(table, headers::WORKFLOW_FAILED_INDEX),
             }),
             None => None,
         };
@@ -212,6 +219,7 @@ mod tests {
                 step: "payment".into(),
                 kind: "declined".into(),
                 message: "card declined".into(),
+                index: Some(3),
             }),
             caller: Caller::default(),
             ..step

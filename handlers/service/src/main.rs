@@ -105,11 +105,17 @@ async fn run() -> Result<(), cottontail::Error> {
     // Each step runs once per booking across instances through the shared store.
     .workflow(
         cottontail_bookings::workflow(cottontail_bookings::WORKFLOW)
-            .dedup(Dedup::shared(stores.dedup)),
+            .dedup(Dedup::shared(stores.dedup.clone())),
     )
     .output(cottontail_bookings::events_queue(
         cottontail_bookings::WORKFLOW,
     ))
+    // Thumbnails of an album, one child job per image on the thumbnails queue, joined
+    // once across instances through the shared store.
+    .workflow(
+        cottontail_albums::workflow(cottontail_albums::WORKFLOW, cottontail_thumbnails::QUEUE)
+            .dedup(Dedup::shared(stores.dedup)),
+    )
     .run(config)
     .await
 }

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::dedup::{Claimed, Found};
@@ -30,7 +30,7 @@ use crate::ops::trace_context::TRACEPARENT;
 use crate::outcome::Outcome;
 use crate::runtime::copies;
 use crate::runtime::job_writer::JobRecorder;
-use crate::workflow::plan::{self, Final, Next, Plan};
+use crate::workflow::plan::{self, Final, Next, Plan, Record};
 use crate::workflow::slip::{Body, Caller, Slip};
 use crate::workflow::{Role, RoleKind};
 
@@ -41,16 +41,6 @@ pub(crate) struct Flow {
     pub metrics: WorkflowMetrics,
     /// Statuses of whole workflows, by workflow id.
     pub jobs: Option<JobRecorder>,
-}
-
-/// How a workflow message's handler ended, as recorded in the dedup store under its id.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-enum Record {
-    /// The handler's output.
-    Ok(Value),
-    /// It failed for good.
-    Failed { kind: String, message: String },
 }
 
 /// Where a workflow message stands: a new workflow, or a step / compensation with its slip.
@@ -86,6 +76,9 @@ impl Origin {
 impl Worker {
     /// A workflow message, after the guards.
     pub(super) async fn handle_workflow(&self, msg: Message, flow: &Flow) -> Verdict {
+        if let RoleKind::Join { compensable } = flow.role.kind {
+            return self.join(&msg, flow, compensable).await;
+        }
         let origin = match origin(&msg, flow) {
             Ok(origin) => origin,
             Err(error) => return self.dead_letter(&msg, error, msg.attempt()).await,
@@ -266,28 +259,63 @@ impl Worker {
         record: Record,
         fresh: bool,
     ) -> Result<(), Verdict> {
-        let claim = match msg.message_id() {
-            Some(id) => match self.claim_id(msg, &names::workflow_continued(id)).await? {
+        let marker = msg.message_id().map(names::workflow_continued);
+        let id = origin.id().to_owned();
+        let caller = origin.caller().clone();
+        let entry = flow.role.kind == RoleKind::Entry && fresh;
+        let plan = || plan_for(flow, origin, record);
+        self.continue_with(msg, flow, marker.as_deref(), &id, &caller, plan, entry)
+            .await
+    }
+
+    /// Publishes `plan` once per `marker` (claimed before, marked done after; `None`: no
+    /// dedup). `entry`: the workflow starts here (its `running` status is written first).
+    #[allow(clippy::too_many_arguments)]
+    async fn continue_with(
+        &self,
+        msg: &Message,
+        flow: &Flow,
+        marker: Option<&str>,
+        id: &str,
+        caller: &Caller,
+        plan: impl FnOnce() -> Plan,
+        entry: bool,
+    ) -> Result<(), Verdict> {
+        let claim = match marker {
+            Some(marker) => match self.claim_id(msg, marker).await? {
                 Found::Done(_) => return Ok(()),
                 Found::Fresh(claim) => claim,
             },
             None => None,
         };
-        let id = origin.id().to_owned();
-        let caller = origin.caller().clone();
-        let plan = plan_for(flow, origin, record);
-        if flow.role.kind == RoleKind::Entry && fresh {
+        let mut plan = plan();
+        if !flow.role.definition.compensates {
+            if let Next::Finish(last) = plan.next {
+                plan.next = Next::Finish(last.without_compensations());
+            }
+        }
+        if entry {
             // Stored before the first step exists, so it cannot land after the end.
             flow.metrics.started.inc();
             if let Some(jobs) = &flow.jobs {
-                jobs.write_now(&id, "running", 1, |_| {}).await;
+                jobs.write_now(id, "running", 1, |_| {}).await;
+            }
+        }
+        if let Next::FanOut(fan_out) = &plan.next {
+            // The join's state is in the store before any child exists to complete it.
+            if let Err(error) = self.keep_join_state(fan_out).await {
+                tracing::warn!(%error, "join state not stored; fan-out deferred");
+                if let Some(claim) = &claim {
+                    claim.release(msg.handler()).await;
+                }
+                return Err(self.defer_for_store(msg).await);
             }
         }
         // The end is stored before the final reply, so that the window between the reply and
         // the mark (where a killed instance leaves a redelivery to reply again) is one store
         // call; a redelivery that continues writes the same end again.
-        self.account(flow, &id, &plan).await;
-        if let Err(e) = self.publish_plan(msg, &caller, &plan).await {
+        self.account(flow, id, &plan).await;
+        if let Err(e) = self.publish_plan(msg, caller, &plan).await {
             if let Some(claim) = &claim {
                 claim.release(msg.handler()).await;
             }
@@ -297,6 +325,114 @@ impl Worker {
             claim.complete(msg.handler(), None).await;
         }
         Ok(())
+    }
+
+    /// Stores what the join of `fan_out` continues from (first write wins).
+    async fn keep_join_state(
+        &self,
+        fan_out: &plan::FanOut,
+    ) -> Result<(), crate::stores::StoreError> {
+        let Some(dedup) = &self.queue.dedup else {
+            return Ok(());
+        };
+        let state = serde_json::to_vec(&fan_out.state)
+            .map_err(|e| crate::stores::StoreError(format!("join state: {e}")))?;
+        dedup
+            .store
+            .join_record(
+                &fan_out.join_queue,
+                &fan_out.join_id,
+                plan::JOIN_STATE,
+                state,
+                dedup.retention,
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Puts the message back for the dedup store's busy delay (the store did not answer).
+    async fn defer_for_store(&self, msg: &Message) -> Verdict {
+        let delay = self
+            .queue
+            .dedup
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(1), |d| d.busy_delay);
+        self.metrics.deferred_store.inc();
+        self.defer(msg, delay).await
+    }
+
+    /// A child's reply on a fan-out step's join queue: recorded under its index (the first
+    /// record of an index stays); the reply that completes the join (or any later duplicate,
+    /// on any instance) continues the workflow, once, under `<id>:<step>#joined`. Progress
+    /// replies of children are dropped.
+    async fn join(&self, msg: &Message, flow: &Flow, compensable: bool) -> Verdict {
+        let status = headers::get_string(msg.headers(), headers::STATUS);
+        let ok = match status.as_deref().and_then(Status::parse) {
+            Some(Status::Progress) => return Verdict::Done,
+            Some(status) => status == Status::Ok,
+            None => {
+                let error = HandlerError::invalid_input("not a child reply: no x-status header");
+                return self.dead_letter(msg, error, msg.attempt()).await;
+            }
+        };
+        let Some((join_id, index, children)) = msg.correlation_id().and_then(plan::parse_child)
+        else {
+            let error = HandlerError::invalid_input(
+                "not a child reply: correlation_id is not <workflow id>:<step>:<i>/<n>",
+            );
+            return self.dead_letter(msg, error, msg.attempt()).await;
+        };
+        let Some(dedup) = &self.queue.dedup else {
+            let error = HandlerError::permanent("workflow", "a join needs a dedup store");
+            return self.dead_letter(msg, error, msg.attempt()).await;
+        };
+        let record = plan::child_record(ok, msg.body());
+        // A `Record` always serializes.
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        let scope = msg.handler();
+        let recorded = dedup
+            .store
+            .join_record(scope, join_id, &index.to_string(), bytes, dedup.retention)
+            .await;
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(error) => {
+                tracing::warn!(%error, "join not recorded; child reply deferred");
+                return self.defer_for_store(msg).await;
+            }
+        };
+        self.metrics.ok.inc();
+        if !plan::join_complete(recorded, children) {
+            return Verdict::Done;
+        }
+        let fields = match dedup.store.join_fields(scope, join_id).await {
+            Ok(fields) => fields,
+            Err(error) => {
+                tracing::warn!(%error, "join not read; child reply deferred");
+                return self.defer_for_store(msg).await;
+            }
+        };
+        let definition = &flow.role.definition;
+        let Some(plan) = plan::joined(&fields, compensable, &definition.finish) else {
+            let error = HandlerError::permanent(
+                "workflow",
+                format!("join {join_id} is complete but its fields are not readable"),
+            );
+            return self.dead_letter(msg, error, msg.attempt()).await;
+        };
+        let (id, _) = join_id.rsplit_once(':').unwrap_or((join_id, ""));
+        let caller = match serde_json::from_slice::<plan::JoinState>(&fields[plan::JOIN_STATE]) {
+            Ok(state) => state.slip.caller,
+            Err(_) => Caller::default(),
+        };
+        let marker = names::workflow_joined(join_id);
+        match self
+            .continue_with(msg, flow, Some(&marker), id, &caller, || plan, false)
+            .await
+        {
+            Ok(()) => Verdict::Done,
+            Err(verdict) => verdict,
+        }
     }
 
     /// The progress reply, then the next message or the final reply, each confirmed.
@@ -338,6 +474,25 @@ impl Worker {
                     .publish_json(&out.queue, &out.body.to_bytes(), properties)
                     .await
             }
+            Next::FanOut(fan_out) => {
+                let sends = fan_out.children.iter().map(|child| {
+                    let mut table = FieldTable::default();
+                    headers::set_string(&mut table, TRACEPARENT, trace.child().to_string());
+                    let properties = BasicProperties::default()
+                        .with_message_id(child.message_id.as_str().into())
+                        .with_correlation_id(child.correlation_id.as_str().into())
+                        .with_reply_to(fan_out.join_queue.as_str().into())
+                        .with_timestamp(crate::stores::now() as u64)
+                        .with_headers(table);
+                    let body = child.body.to_string().into_bytes();
+                    async move {
+                        msg.publisher()
+                            .publish_json(&fan_out.queue, &body, properties)
+                            .await
+                    }
+                });
+                futures::future::try_join_all(sends).await.map(drop)
+            }
             Next::Finish(last) => match last.reply() {
                 Ok(output) => send(Status::Ok, output.to_string().into_bytes()).await,
                 Err(error) => send(Status::Error, error.to_string().into_bytes()).await,
@@ -353,6 +508,7 @@ impl Worker {
         };
         match last {
             Final::Succeeded(_) => flow.metrics.completed.inc(),
+            Final::Failed(_) => flow.metrics.failed.inc(),
             Final::Compensated { .. } => flow.metrics.compensated.inc(),
         }
         if let Some(jobs) = &flow.jobs {
@@ -388,7 +544,7 @@ fn origin(msg: &Message, flow: &Flow) -> Result<Origin, HandlerError> {
                 input,
             })
         }
-        RoleKind::Step { .. } | RoleKind::Compensation => {
+        RoleKind::Step { .. } | RoleKind::Compensation | RoleKind::Join { .. } => {
             let slip = Slip::from_headers(msg.headers())?;
             if slip.workflow != flow.role.definition.name {
                 return Err(HandlerError::invalid_input(format!(
@@ -419,7 +575,12 @@ fn plan_for(flow: &Flow, origin: Origin, record: Record) -> Plan {
             &definition.finish,
         ),
         (Origin::Slip { slip, body }, RoleKind::Step { compensable }, Record::Ok(output)) => {
-            plan::step_done(*slip, body, output, compensable, &definition.finish)
+            match &flow.role.fan_out {
+                Some(queue) => {
+                    plan::fan_out(*slip, body, output, queue, compensable, &definition.finish)
+                }
+                None => plan::step_done(*slip, body, output, compensable, &definition.finish),
+            }
         }
         (Origin::Slip { slip, body }, RoleKind::Step { .. }, Record::Failed { kind, message }) => {
             plan::step_failed(*slip, body, &failed(kind, message))
