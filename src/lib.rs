@@ -73,7 +73,7 @@
 //! | the message a handler sees | `message.rs` ([`Message`]) |
 //! | per-handler settings | `queue/` ([`Queue`], [`RetryPolicy`], [`Bands`], [`Ordering`], [`Dedup`]) |
 //! | schedules | `schedule.rs` ([`Schedule`], [`Tick`]) |
-//! | workflows: routing slips with compensation | [`workflow`] ([`Workflow`]; the slip and its plans are pure functions) |
+//! | workflows: routing slips with compensation, fan-out/fan-in | [`workflow`] ([`Workflow`]; the slip and its plans are pure functions) |
 //! | broker names of every queue and exchange | [`names`] |
 //! | header names of the message contract | [`headers`] |
 //! | dedup, job-status and sequence stores | [`stores`] (memory, Redis, PostgreSQL) |

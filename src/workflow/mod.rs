@@ -77,6 +77,14 @@
 //! "compensated": [...]}}` (undone steps in the order they were undone; plus
 //! `compensation_failed` when one was dead-lettered).
 //!
+//! **Fan-out / fan-in.** [`Workflow::fan_out`] adds a step whose output (a JSON array) is
+//! sent as one child job per item to any handler queue, replying to the step's join queue
+//! `<workflow>.<step>.join`; the join records each reply under its index in the dedup store
+//! (first record stays) and the record that completes it continues the workflow, once, under
+//! `<workflow id>:<step>#joined`. A failed child fails the step with its error and `index`.
+//! A workflow that declares no compensation ends a failure with the failed step's own error
+//! (status `failed`) instead of `compensated`.
+//!
 //! **Status.** `/jobs/{workflow id}` says `running` from the entry on, then `succeeded` (with
 //! the final output), `compensated` (with the error object), or `dead_lettered` when a
 //! compensation was dead-lettered. Each step message has its own job status too.

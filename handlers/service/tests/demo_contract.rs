@@ -371,7 +371,40 @@ async fn the_demo_keeps_its_contract_with_plain_amqp_clients() {
         }
     }
 
-    // 5. Priorities: with the service stopped, 500 priority-0 then 50 priority-9 requests;
+    // 5. Albums: thumbnails of every image, joined in input order; an undecodable image is
+    //    named by its index.
+    let album = |n: u32| format!("album-{}-{n}", std::process::id());
+    let images = [png(80, 40), png(30, 60), png(20, 20)];
+    let bad = [png(80, 40), "bm90IGFuIGltYWdl".to_owned(), "%%%".to_owned()];
+    for (n, images) in [(1, &images), (2, &bad)] {
+        let body = serde_json::json!({"album_id": album(n), "images": images, "max_side": 32});
+        let props = BasicProperties::default().with_message_id(album(n).into());
+        client.send_with("albums", &body, &album(n), props).await;
+    }
+    let mut albums = std::collections::BTreeMap::new();
+    while albums.len() < 2 {
+        let (cid, status, body) = client.final_reply().await;
+        assert!(
+            albums.insert(cid, (status, body)).is_none(),
+            "two final replies"
+        );
+    }
+    let (status, body) = &albums[&album(1)];
+    assert_eq!(status, "ok", "{body}");
+    assert_eq!(body["album_id"], album(1));
+    let sizes: Vec<(u64, u64)> = body["thumbnails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["width"].as_u64().unwrap(), t["height"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(sizes, [(32, 16), (16, 32), (20, 20)]);
+    let (status, body) = &albums[&album(2)];
+    assert_eq!(status, "error");
+    assert_eq!(body["error"]["kind"], "invalid_input", "{body}");
+    assert_eq!(body["error"]["index"], 1, "{body}");
+
+    // 6. Priorities: with the service stopped, 500 priority-0 then 50 priority-9 requests;
     //    after it starts, all 50 urgent ones finish before the 100th completion.
     demo.stop();
     let small = png(40, 20);
