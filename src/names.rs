@@ -109,6 +109,12 @@ pub fn workflow_joined(join_id: &str) -> String {
     format!("{join_id}#joined")
 }
 
+/// `<id>#final`: the `message_id` of workflow `id`'s final reply, the same on every copy a
+/// redelivery can send, so a caller can drop repeats.
+pub fn workflow_final(id: &str) -> String {
+    format!("{id}#final")
+}
+
 /// `<message_id>#continued`: the dedup key recording that a workflow message's continuation
 /// (the next step, the compensations or the final reply) was published.
 pub fn workflow_continued(message_id: &str) -> String {

@@ -622,6 +622,44 @@ async fn a_fleet_sharing_redis_finishes_every_booking_when_an_instance_is_killed
             "fleet: {repeated_replies} repeated final replies, {repeated_events} repeated events \
              after one SIGKILL"
         );
+        // Repeats carry the original's message_id: by id, one final reply per booking
+        // (`<id>#final`) and each effect and compensation once (`<id>:<step>:<action>`).
+        let id_of = |r: &Received| {
+            r.properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .expect("a message id")
+        };
+        let final_ids: std::collections::BTreeSet<String> = replies
+            .all()
+            .iter()
+            .filter(|r| header_str(r, "x-status").as_deref() != Some("progress"))
+            .map(id_of)
+            .collect();
+        let want: std::collections::BTreeSet<String> =
+            (0..N).map(|i| format!("b-{i}#final")).collect();
+        assert_eq!(final_ids, want, "one distinct final reply per booking");
+        let event_ids: std::collections::BTreeSet<String> =
+            announced.all().iter().map(id_of).collect();
+        let want: std::collections::BTreeSet<String> = (0..N)
+            .flat_map(|i| {
+                expected_events(i)
+                    .into_iter()
+                    .map(move |(step, action)| format!("b-{i}:{step}:{action}"))
+            })
+            .collect();
+        assert_eq!(
+            event_ids, want,
+            "each effect and compensation once by message_id"
+        );
+        eprintln!(
+            "fleet: raw counts {} final replies, {} events; distinct by message_id {} and {}",
+            finals(&replies),
+            announced.len(),
+            final_ids.len(),
+            event_ids.len()
+        );
 
         let jobs = cottontail::stores::RedisStore::connect(&redis_url(), &prefix)
             .await

@@ -166,7 +166,9 @@ async fn announce(
         step: step.to_owned(),
         action: action.to_owned(),
     };
+    // The same id on every copy a redelivered step can announce.
+    let id = format!("{}:{step}:{action}", context.id());
     outbox
-        .send_json(&events_queue(context.workflow()), &event)
+        .send_json_as(&events_queue(context.workflow()), &id, &event)
         .await
 }

@@ -315,7 +315,7 @@ impl Worker {
         // the mark (where a killed instance leaves a redelivery to reply again) is one store
         // call; a redelivery that continues writes the same end again.
         self.account(flow, id, &plan).await;
-        if let Err(e) = self.publish_plan(msg, caller, &plan).await {
+        if let Err(e) = self.publish_plan(msg, id, caller, &plan).await {
             if let Some(claim) = &claim {
                 claim.release(msg.handler()).await;
             }
@@ -439,17 +439,19 @@ impl Worker {
     async fn publish_plan(
         &self,
         msg: &Message,
+        id: &str,
         caller: &Caller,
         plan: &Plan,
     ) -> Result<(), PublishError> {
         let trace = msg.trace();
-        let send = |status: Status, body: Vec<u8>| async move {
+        let send = |status: Status, body: Vec<u8>, message_id: Option<String>| async move {
             match &caller.reply_to {
                 Some(reply_to) => {
-                    reply::send(
+                    reply::send_as(
                         msg.publisher(),
                         reply_to,
                         caller.correlation_id.as_deref(),
+                        message_id.as_deref(),
                         status,
                         body,
                         Some(trace),
@@ -460,7 +462,7 @@ impl Worker {
             }
         };
         if let Some(progress) = &plan.progress {
-            send(Status::Progress, progress.to_string().into_bytes()).await?;
+            send(Status::Progress, progress.to_string().into_bytes(), None).await?;
         }
         match &plan.next {
             Next::Send(out) => {
@@ -493,10 +495,14 @@ impl Worker {
                 });
                 futures::future::try_join_all(sends).await.map(drop)
             }
-            Next::Finish(last) => match last.reply() {
-                Ok(output) => send(Status::Ok, output.to_string().into_bytes()).await,
-                Err(error) => send(Status::Error, error.to_string().into_bytes()).await,
-            },
+            Next::Finish(last) => {
+                // The same id on every copy a redelivery can repeat.
+                let id = Some(names::workflow_final(id));
+                match last.reply() {
+                    Ok(output) => send(Status::Ok, output.to_string().into_bytes(), id).await,
+                    Err(error) => send(Status::Error, error.to_string().into_bytes(), id).await,
+                }
+            }
         }
     }
 
