@@ -20,6 +20,7 @@ use crate::runtime::session::{Plan, Registered};
 use crate::runtime::supervisor::Supervisor;
 use crate::schedule::Schedule;
 use crate::stores::{JobStore, MemoryJobs};
+use crate::workflow::Workflow;
 use crate::Error;
 
 /// A set of handlers with their state, ready to run against a broker.
@@ -55,6 +56,8 @@ pub struct App<S> {
     schedules: Vec<(Arc<Schedule>, String)>,
     outputs: Vec<String>,
     instrumented: bool,
+    /// Registration mistakes, reported by `start` (builders cannot fail).
+    errors: Vec<String>,
 }
 
 impl<S: Clone + Send + Sync + 'static> App<S> {
@@ -69,6 +72,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             schedules: Vec::new(),
             outputs: Vec::new(),
             instrumented: true,
+            errors: Vec::new(),
         }
     }
 
@@ -106,7 +110,26 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         self.handlers.push(Registered {
             queue: Arc::new(queue),
             service,
+            workflow: None,
         });
+        self
+    }
+
+    /// Registers `workflow`: its entry queue, and a queue per step and compensation (see
+    /// [`workflow`](crate::workflow)).
+    pub fn workflow(mut self, workflow: Workflow<S>) -> Self {
+        match workflow.into_handlers(&self.state) {
+            Ok(handlers) => {
+                for (queue, service, role) in handlers {
+                    self.handlers.push(Registered {
+                        queue: Arc::new(queue),
+                        service,
+                        workflow: Some(role),
+                    });
+                }
+            }
+            Err(error) => self.errors.push(error),
+        }
         self
     }
 
@@ -156,8 +179,17 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
 
     /// Starts the app in the background (binding HTTP first, so a taken port fails here).
     pub async fn start(self, config: Config) -> Result<Running, Error> {
+        if let Some(error) = self.errors.first() {
+            return Err(Error::Config(error.clone()));
+        }
         for h in &self.handlers {
             h.queue.validate()?;
+            if h.workflow.is_some() && (h.queue.ordering.is_some() || h.queue.bands.is_some()) {
+                return Err(Error::Config(format!(
+                    "workflow queue '{}': ordering and priority bands do not apply to workflows",
+                    h.queue.name()
+                )));
+            }
         }
         let mut names: Vec<&str> = self.handlers.iter().map(|h| h.queue.name()).collect();
         names.sort_unstable();
@@ -201,6 +233,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                     .iter()
                     .fold(h.service, |service, layer| layer(service)),
                 queue: h.queue,
+                workflow: h.workflow,
             })
             .collect();
         let plan = Plan {

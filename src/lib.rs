@@ -73,13 +73,14 @@
 //! | the message a handler sees | `message.rs` ([`Message`]) |
 //! | per-handler settings | `queue/` ([`Queue`], [`RetryPolicy`], [`Bands`], [`Ordering`], [`Dedup`]) |
 //! | schedules | `schedule.rs` ([`Schedule`], [`Tick`]) |
+//! | workflows: routing slips with compensation, fan-out/fan-in | [`workflow`] ([`Workflow`]; the slip and its plans are pure functions) |
 //! | broker names of every queue and exchange | [`names`] |
 //! | header names of the message contract | [`headers`] |
 //! | dedup, job-status and sequence stores | [`stores`] (memory, Redis, PostgreSQL) |
 //! | producers: publish, RPC calls, replies | [`client`] |
 //! | connecting (URLs, TLS, the frame guard) | [`connection`] |
 //! | HTTP, health, metrics, status page, trace context | [`ops`] |
-//! | how it runs (crate-private) | `runtime/`: `supervisor` → `session` → `consume` loops → `pipeline/` (`guards` → `dedup` → `run` → `actions`) → `acker`; `copies` (retry, DLQ, park), `topology`, `job_writer`, `scheduler/`, `ordered/` (`balance`, `partition`, `resequencer`) |
+//! | how it runs (crate-private) | `runtime/`: `supervisor` → `session` → `consume` loops → `pipeline/` (`guards` → `dedup` → `run` → `actions`; `workflow` continues a workflow) → `acker`; `copies` (retry, DLQ, park), `topology`, `job_writer`, `scheduler/`, `ordered/` (`balance`, `partition`, `resequencer`) |
 //!
 //! The external contracts (headers, replies, DLQ headers, queue names, HTTP, CLI) are in
 //! `docs/contracts.md`.
@@ -104,6 +105,7 @@ mod runtime;
 mod schedule;
 pub mod stores;
 pub mod testing;
+pub mod workflow;
 
 pub use app::{App, Running};
 pub use config::Config;
@@ -120,6 +122,7 @@ pub use queue::{
     Bands, Dedup, GapPolicy, Ordering, Queue, QueueType, RetryPolicy, DEFAULT_HANDLER_TIMEOUT,
 };
 pub use schedule::{Missed, Schedule, Tick};
+pub use workflow::Workflow;
 
 /// A boxed, sendable future: what handlers, middleware and store methods return.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;

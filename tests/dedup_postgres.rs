@@ -712,3 +712,8 @@ async fn connecting_to_no_database_is_an_error() {
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(PostgresStore::connect("not a url").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_completes_once_whatever_the_duplicates() {
+    dedup::join_completes_once(std::sync::Arc::new(store().await)).await;
+}

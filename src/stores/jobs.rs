@@ -2,7 +2,8 @@
 //! (`GET /jobs/{message_id}`).
 //!
 //! Statuses: `queued` (a retry waits in the broker), `running`, `succeeded`, `failed` (an
-//! attempt failed; `retrying` says whether another follows), `dead_lettered`.
+//! attempt failed; `retrying` says whether another follows), `dead_lettered`; a workflow's
+//! (under its id) also `compensated` (see [`workflow`](crate::workflow)).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +16,7 @@ use crate::BoxFuture;
 /// The status document served at `/jobs/{message_id}`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct JobStatus {
-    /// `queued` | `running` | `succeeded` | `failed` | `dead_lettered`.
+    /// `queued` | `running` | `succeeded` | `failed` | `dead_lettered` | `compensated`.
     pub status: String,
     /// The message id.
     pub message_id: String,

@@ -73,7 +73,7 @@ impl Worker {
                 };
             }
         }
-        self.dead_letter(msg, error, attempt).await
+        self.give_up(msg, error, attempt).await
     }
 
     /// Dead-letters with the reason; the caller (if any) gets an `error` reply, unless it got

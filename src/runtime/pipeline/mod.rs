@@ -6,6 +6,7 @@
 //!          ─► settle claim ─► reply / retry copy / dead-letter copy (confirmed) ─► ack
 //!              (dedup.rs)        (actions.rs)                                    (acker)
 //! ```
+//! Workflow queues run the same steps and then continue their workflow (`workflow.rs`).
 //! Nothing is acked before what it produced is confirmed; when a publish fails the message is
 //! requeued instead, so it is never lost.
 
@@ -26,6 +27,9 @@ mod actions;
 mod dedup;
 mod guards;
 mod run;
+mod workflow;
+
+pub(crate) use workflow::Flow;
 
 use crate::runtime::acker::Settle;
 use crate::runtime::job_writer::JobRecorder;
@@ -84,6 +88,8 @@ pub(crate) struct Worker {
     pub route: Option<Route>,
     /// Spans per message (off only to measure their cost).
     pub instrumented: bool,
+    /// Set on the queues of a workflow: its part in it.
+    pub workflow: Option<Flow>,
 }
 
 impl Worker {
@@ -150,6 +156,10 @@ impl Worker {
     /// handler with its timeout and panic catch, immediate retries) → settle the claim →
     /// broker actions. Each step lives in the module named for it.
     pub(crate) async fn handle(&self, msg: Message) -> Verdict {
+        if let Some(flow) = &self.workflow {
+            // The same steps, then the workflow's continuation (`workflow.rs`).
+            return self.handle_workflow(msg, flow).await;
+        }
         let claim = match self.claim(&msg).await {
             Ok(claim) => claim,
             Err(verdict) => return verdict,

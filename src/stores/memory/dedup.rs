@@ -1,6 +1,6 @@
 //! [`MemoryStore`]: in-process claims and cached replies.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +48,16 @@ pub struct MemoryStore<C: Clock = SystemClock> {
     inner: Mutex<MemoryInner>,
     capacity: usize,
     clock: C,
+    /// Fan-in joins by (scope, id): their fields and expiry. Not counted in the capacity (a
+    /// join lives as long as its workflow step and is small in number); expired ones are
+    /// dropped when joins outnumber the capacity.
+    joins: Mutex<HashMap<(String, String), Join>>,
+}
+
+/// One fan-in join: its recorded fields and when it expires.
+struct Join {
+    fields: BTreeMap<String, Vec<u8>>,
+    expires_at: u64,
 }
 
 type Ids = HashMap<Arc<str>, Entry>;
@@ -173,6 +183,7 @@ impl<C: Clock> MemoryStore<C> {
             inner: Mutex::new(MemoryInner::default()),
             capacity: capacity.max(1),
             clock,
+            joins: Mutex::new(HashMap::new()),
         }
     }
 
@@ -275,6 +286,59 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
                 }
             }
         });
+        Box::pin(async move { result })
+    }
+
+    fn join_record(
+        &self,
+        scope: &str,
+        id: &str,
+        field: &str,
+        value: Vec<u8>,
+        retention: Duration,
+    ) -> BoxFuture<Result<u64, StoreError>> {
+        let now = self.clock.now_ms();
+        let result = self
+            .joins
+            .lock()
+            .map_err(|_| StoreError("memory store lock poisoned".into()))
+            .map(|mut joins| {
+                if joins.len() > self.capacity {
+                    joins.retain(|_, join| join.expires_at > now);
+                }
+                let join = joins
+                    .entry((scope.to_owned(), id.to_owned()))
+                    .or_insert_with(|| Join {
+                        fields: BTreeMap::new(),
+                        expires_at: 0,
+                    });
+                if join.expires_at <= now {
+                    join.fields.clear();
+                }
+                join.expires_at = now.saturating_add(ms(retention));
+                join.fields.entry(field.to_owned()).or_insert(value);
+                join.fields.len() as u64
+            });
+        Box::pin(async move { result })
+    }
+
+    fn join_fields(
+        &self,
+        scope: &str,
+        id: &str,
+    ) -> BoxFuture<Result<BTreeMap<String, Vec<u8>>, StoreError>> {
+        let now = self.clock.now_ms();
+        let result = self
+            .joins
+            .lock()
+            .map_err(|_| StoreError("memory store lock poisoned".into()))
+            .map(|joins| {
+                joins
+                    .get(&(scope.to_owned(), id.to_owned()))
+                    .filter(|join| join.expires_at > now)
+                    .map(|join| join.fields.clone())
+                    .unwrap_or_default()
+            });
         Box::pin(async move { result })
     }
 }

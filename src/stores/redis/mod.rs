@@ -7,6 +7,8 @@
 //!
 //! Keys:
 //! - `<prefix>:dedup:<scope>:<id>` → `claim:<owner>` | `done0:` (no reply) | `done1:<reply bytes>`
+//! - `<prefix>:join:<scope>:<id>` → a hash of a fan-in join's recorded fields (`HSETNX` and
+//!   `HLEN` in one script)
 //! - `<prefix>:job:<message_id>` → the [`JobStatus`] as JSON
 //! - `<prefix>:seq:<scope>:<key>` → the next expected sequence number of `key` (decimal; a
 //!   missing key means 1). Never expires: losing it would re-apply the key from 1.
@@ -16,6 +18,7 @@
 //! The id and the sequence key are used as they came from the wire (Redis keys are
 //! binary-safe).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +27,7 @@ use ::redis::Client;
 
 mod scripts;
 
-use scripts::{ADVANCE, CLAIM, COMPLETE, JOB_PUT_MANY, RELEASE};
+use scripts::{ADVANCE, CLAIM, COMPLETE, JOB_PUT_MANY, JOIN_RECORD, RELEASE};
 
 use super::{bounded, millis, DEFAULT_TIMEOUT};
 use crate::stores::{
@@ -151,6 +154,11 @@ impl RedisStore {
     /// `<prefix>:dedup:<scope>:<id>`, as raw bytes.
     pub fn dedup_key(&self, scope: &str, id: &str) -> Vec<u8> {
         key(&self.prefix, &[b"dedup", scope.as_bytes(), id.as_bytes()])
+    }
+
+    /// `<prefix>:join:<scope>:<id>` (a fan-in join's hash), as raw bytes.
+    pub fn join_key(&self, scope: &str, id: &str) -> Vec<u8> {
+        key(&self.prefix, &[b"join", scope.as_bytes(), id.as_bytes()])
     }
 
     /// `<prefix>:job:<message_id>`, as raw bytes.
@@ -311,6 +319,53 @@ impl DedupStore for RedisStore {
             })
             .await?;
             Ok(())
+        })
+    }
+
+    fn join_record(
+        &self,
+        scope: &str,
+        id: &str,
+        field: &str,
+        value: Vec<u8>,
+        retention: Duration,
+    ) -> BoxFuture<Result<u64, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.join_key(scope, id);
+        let field = field.to_owned();
+        let limit = self.timeout;
+        Box::pin(async move {
+            bounded("redis", "join record", limit, async {
+                JOIN_RECORD
+                    .key(key)
+                    .arg(field)
+                    .arg(value)
+                    .arg(millis(retention))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
+        })
+    }
+
+    fn join_fields(
+        &self,
+        scope: &str,
+        id: &str,
+    ) -> BoxFuture<Result<BTreeMap<String, Vec<u8>>, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.join_key(scope, id);
+        let limit = self.timeout;
+        Box::pin(async move {
+            bounded("redis", "join fields", limit, async {
+                ::redis::cmd("HGETALL")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
         })
     }
 }

@@ -281,6 +281,27 @@ where
     }
 }
 
+/// Waits until `store` says `want` for job `id`; on timeout, panics naming what it said.
+pub async fn wait_job_status(
+    store: &dyn cottontail::stores::JobStore,
+    id: &str,
+    want: &str,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = store.get(id).await.ok().flatten();
+        if status.as_ref().is_some_and(|j| j.status == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} is not {want} after {limit:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Messages ready in a queue (passive declare).
 pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
     queue_counts(conn, queue).await.0
@@ -288,6 +309,13 @@ pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
 
 /// Messages ready in a queue and its consumers (passive declare).
 pub async fn queue_counts(conn: &Connection, queue: &str) -> (u32, u32) {
+    queue_counts_if_declared(conn, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+}
+
+/// [`queue_counts`], or `None` while nobody has declared the queue yet.
+pub async fn queue_counts_if_declared(conn: &Connection, queue: &str) -> Option<(u32, u32)> {
     let ch = conn.create_channel().await.unwrap();
     let q = ch
         .queue_declare(
@@ -299,9 +327,9 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> (u32, u32) {
             FieldTable::default(),
         )
         .await
-        .unwrap();
+        .ok();
     let _ = ch.close(200, "".into()).await;
-    (q.message_count(), q.consumer_count())
+    q.map(|q| (q.message_count(), q.consumer_count()))
 }
 
 pub fn header_str(d: &Received, key: &str) -> Option<String> {

@@ -1,0 +1,598 @@
+//! Workflow messages (see [`workflow`](crate::workflow)): the entry, step and compensation
+//! queues run their handler like any other, then *record, continue, mark*:
+//!
+//! ```text
+//! claim <id> ─► run ─► record {"ok": output} | {"failed": …} under <id>
+//!   ─► claim <id>#continued ─► progress reply, next message or final reply (confirmed)
+//!   ─► mark <id>#continued done ─► ack
+//! ```
+//! A redelivered message whose `<id>` is recorded does not run again: it continues from the
+//! record, unless `<id>#continued` says that was done too. What to publish is decided by the
+//! pure functions of `workflow::plan`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::Value;
+
+use super::dedup::{Claimed, Found};
+use super::{Verdict, Worker};
+use crate::client::reply::{self, Status};
+use crate::client::PublishError;
+use crate::error::HandlerError;
+use crate::headers;
+use crate::message::Message;
+use crate::names;
+use crate::ops::metrics::WorkflowMetrics;
+use crate::ops::trace_context::TRACEPARENT;
+use crate::outcome::Outcome;
+use crate::runtime::copies;
+use crate::runtime::job_writer::JobRecorder;
+use crate::workflow::plan::{self, Final, Next, Plan, Record};
+use crate::workflow::slip::{Body, Caller, Slip};
+use crate::workflow::{Role, RoleKind};
+
+/// A workflow queue's part in its workflow, with its handles.
+#[derive(Clone)]
+pub(crate) struct Flow {
+    pub role: Arc<Role>,
+    pub metrics: WorkflowMetrics,
+    /// Statuses of whole workflows, by workflow id.
+    pub jobs: Option<JobRecorder>,
+}
+
+/// Where a workflow message stands: a new workflow, or a step / compensation with its slip.
+enum Origin {
+    Entry {
+        id: String,
+        caller: Caller,
+        input: Value,
+    },
+    Slip {
+        slip: Box<Slip>,
+        body: Body,
+    },
+}
+
+impl Origin {
+    /// The workflow id.
+    fn id(&self) -> &str {
+        match self {
+            Origin::Entry { id, .. } => id,
+            Origin::Slip { slip, .. } => &slip.id,
+        }
+    }
+
+    fn caller(&self) -> &Caller {
+        match self {
+            Origin::Entry { caller, .. } => caller,
+            Origin::Slip { slip, .. } => &slip.caller,
+        }
+    }
+}
+
+impl Worker {
+    /// A workflow message, after the guards.
+    pub(super) async fn handle_workflow(&self, msg: Message, flow: &Flow) -> Verdict {
+        if let RoleKind::Join { compensable } = flow.role.kind {
+            return self.join(&msg, flow, compensable).await;
+        }
+        let origin = match origin(&msg, flow) {
+            Ok(origin) => origin,
+            Err(error) => return self.dead_letter(&msg, error, msg.attempt()).await,
+        };
+        let claim = match msg.message_id() {
+            Some(id) => match self.claim_id(&msg, id).await {
+                Err(verdict) => return verdict,
+                Ok(Found::Done(record)) => {
+                    // Ran to an end before (a redelivery, a duplicate): continue from the
+                    // record, never run the effect again.
+                    let Some(record) = record.and_then(|r| serde_json::from_slice(&r).ok()) else {
+                        tracing::warn!("workflow message recorded without a readable record");
+                        self.metrics.duplicate.inc();
+                        return Verdict::Duplicate;
+                    };
+                    return match self.continue_once(&msg, flow, origin, record, false).await {
+                        Ok(()) => {
+                            self.metrics.duplicate.inc();
+                            Verdict::Duplicate
+                        }
+                        Err(verdict) => verdict,
+                    };
+                }
+                Ok(Found::Fresh(claim)) => claim,
+            },
+            None => None,
+        };
+        let started = Instant::now();
+        let (msg, outcome) = self.run(msg).await;
+        let record = match outcome {
+            Outcome::Done(body) => {
+                let output = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if let (RoleKind::Step { .. }, Some(step)) = (flow.role.kind, &flow.metrics.step) {
+                    step.duration.observe(started.elapsed().as_secs_f64());
+                }
+                if flow.role.kind != RoleKind::Entry {
+                    // The entry's job is the workflow's: it stays `running`.
+                    self.job(&msg, "succeeded", |j| j.result = Some(output.clone()))
+                        .await;
+                }
+                self.metrics.ok.inc();
+                Record::Ok(output)
+            }
+            Outcome::Failed(error)
+                if error.is_transient()
+                    && self.queue.retry.delay_after(msg.attempt()).is_some() =>
+            {
+                if let Some(claim) = &claim {
+                    claim.release(msg.handler()).await;
+                }
+                return self.fail(&msg, error).await;
+            }
+            Outcome::Failed(error) => {
+                if flow.role.kind == RoleKind::Entry {
+                    if let Some(claim) = &claim {
+                        claim.release(msg.handler()).await;
+                    }
+                    return self.dead_letter(&msg, error, msg.attempt()).await;
+                }
+                let attempts = msg.attempt();
+                return self
+                    .workflow_failed(&msg, flow, origin, error, attempts, claim.as_ref())
+                    .await;
+            }
+        };
+        self.save(&msg, claim.as_ref(), &record).await;
+        match self.continue_once(&msg, flow, origin, record, true).await {
+            Ok(()) => Verdict::Done,
+            Err(verdict) => verdict,
+        }
+    }
+
+    /// A step or compensation that will not run again (a permanent failure, its last retry,
+    /// a crash loop): a step is recorded as failed and the workflow compensates; a
+    /// compensation is dead-lettered (`compensation_failed`) and the next one runs.
+    pub(crate) async fn give_up(
+        &self,
+        msg: &Message,
+        error: HandlerError,
+        attempts: u32,
+    ) -> Verdict {
+        match &self.workflow {
+            Some(flow) if flow.role.kind != RoleKind::Entry => match origin(msg, flow) {
+                Ok(origin) => {
+                    self.workflow_failed(msg, flow, origin, error, attempts, None)
+                        .await
+                }
+                Err(invalid) => self.dead_letter(msg, invalid, attempts).await,
+            },
+            _ => self.dead_letter(msg, error, attempts).await,
+        }
+    }
+
+    async fn workflow_failed(
+        &self,
+        msg: &Message,
+        flow: &Flow,
+        origin: Origin,
+        error: HandlerError,
+        attempts: u32,
+        claim: Option<&Claimed<'_>>,
+    ) -> Verdict {
+        let record = Record::Failed {
+            kind: error.kind().to_owned(),
+            message: error.message().to_owned(),
+        };
+        let verdict = if flow.role.kind == RoleKind::Compensation {
+            // Not recorded: a replay from the DLQ runs it again (its continuation is marked,
+            // so the workflow does not move on twice).
+            if let Some(claim) = claim {
+                claim.release(msg.handler()).await;
+            }
+            let reason = HandlerError::permanent("compensation_failed", error.to_string());
+            tracing::error!(%error, attempts, "compensation failed; dead-lettered for an operator");
+            self.job(msg, "dead_lettered", |j| {
+                j.error = Some(serde_json::json!({"kind": "compensation_failed", "message": error.to_string()}));
+                j.retrying = Some(false);
+            })
+            .await;
+            if let Err(e) = copies::dead_letter(msg, &reason, attempts).await {
+                return self.publish_failed(e);
+            }
+            self.metrics.dead_letter(reason.kind());
+            if let Some(step) = &flow.metrics.step {
+                step.compensation_failures.inc();
+            }
+            self.recent.push(
+                msg.handler(),
+                msg.message_id(),
+                reason.kind(),
+                reason.message(),
+            );
+            Verdict::DeadLettered
+        } else {
+            tracing::warn!(%error, attempts, "workflow step failed; compensating");
+            self.job(msg, "failed", |j| {
+                j.error =
+                    Some(serde_json::json!({"kind": error.kind(), "message": error.message()}));
+                j.retrying = Some(false);
+            })
+            .await;
+            self.save(msg, claim, &record).await;
+            Verdict::Done
+        };
+        match self.continue_once(msg, flow, origin, record, true).await {
+            Ok(()) => verdict,
+            Err(verdict) => verdict,
+        }
+    }
+
+    /// Records how the handler ended under the message id (with the claim this attempt
+    /// holds, or without one after a guard gave up).
+    async fn save(&self, msg: &Message, claim: Option<&Claimed<'_>>, record: &Record) {
+        let bytes = serde_json::to_vec(record).ok();
+        match (claim, &self.queue.dedup, msg.message_id()) {
+            (Some(claim), _, _) => claim.complete(msg.handler(), bytes).await,
+            (None, Some(dedup), Some(id)) => {
+                let saved = dedup
+                    .store
+                    .complete(msg.handler(), id, &self.owner, bytes, dedup.retention)
+                    .await;
+                if let Err(error) = saved {
+                    tracing::warn!(%error, "dedup store not updated");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Publishes what follows `record`, once per message id: a second key records that it
+    /// was published (a duplicate that finds it acks without publishing again). `fresh`: the
+    /// handler ran in this attempt (not a redelivery continuing from its record).
+    async fn continue_once(
+        &self,
+        msg: &Message,
+        flow: &Flow,
+        origin: Origin,
+        record: Record,
+        fresh: bool,
+    ) -> Result<(), Verdict> {
+        let marker = msg.message_id().map(names::workflow_continued);
+        let id = origin.id().to_owned();
+        let caller = origin.caller().clone();
+        let entry = flow.role.kind == RoleKind::Entry && fresh;
+        let plan = || plan_for(flow, origin, record);
+        self.continue_with(msg, flow, marker.as_deref(), &id, &caller, plan, entry)
+            .await
+    }
+
+    /// Publishes `plan` once per `marker` (claimed before, marked done after; `None`: no
+    /// dedup). `entry`: the workflow starts here (its `running` status is written first).
+    #[allow(clippy::too_many_arguments)]
+    async fn continue_with(
+        &self,
+        msg: &Message,
+        flow: &Flow,
+        marker: Option<&str>,
+        id: &str,
+        caller: &Caller,
+        plan: impl FnOnce() -> Plan,
+        entry: bool,
+    ) -> Result<(), Verdict> {
+        let claim = match marker {
+            Some(marker) => match self.claim_id(msg, marker).await? {
+                Found::Done(_) => return Ok(()),
+                Found::Fresh(claim) => claim,
+            },
+            None => None,
+        };
+        let mut plan = plan();
+        if !flow.role.definition.compensates {
+            if let Next::Finish(last) = plan.next {
+                plan.next = Next::Finish(last.without_compensations());
+            }
+        }
+        if entry {
+            // Stored before the first step exists, so it cannot land after the end.
+            flow.metrics.started.inc();
+            if let Some(jobs) = &flow.jobs {
+                jobs.write_now(id, "running", 1, |_| {}).await;
+            }
+        }
+        if let Next::FanOut(fan_out) = &plan.next {
+            // The join's state is in the store before any child exists to complete it.
+            if let Err(error) = self.keep_join_state(fan_out).await {
+                tracing::warn!(%error, "join state not stored; fan-out deferred");
+                if let Some(claim) = &claim {
+                    claim.release(msg.handler()).await;
+                }
+                return Err(self.defer_for_store(msg).await);
+            }
+        }
+        // The end is stored before the final reply, so that the window between the reply and
+        // the mark (where a killed instance leaves a redelivery to reply again) is one store
+        // call; a redelivery that continues writes the same end again.
+        self.account(flow, id, &plan).await;
+        if let Err(e) = self.publish_plan(msg, id, caller, &plan).await {
+            if let Some(claim) = &claim {
+                claim.release(msg.handler()).await;
+            }
+            return Err(self.publish_failed(e));
+        }
+        if let Some(claim) = &claim {
+            claim.complete(msg.handler(), None).await;
+        }
+        Ok(())
+    }
+
+    /// Stores what the join of `fan_out` continues from (first write wins).
+    async fn keep_join_state(
+        &self,
+        fan_out: &plan::FanOut,
+    ) -> Result<(), crate::stores::StoreError> {
+        let Some(dedup) = &self.queue.dedup else {
+            return Ok(());
+        };
+        let state = serde_json::to_vec(&fan_out.state)
+            .map_err(|e| crate::stores::StoreError(format!("join state: {e}")))?;
+        dedup
+            .store
+            .join_record(
+                &fan_out.join_queue,
+                &fan_out.join_id,
+                plan::JOIN_STATE,
+                state,
+                dedup.retention,
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Puts the message back for the dedup store's busy delay (the store did not answer).
+    async fn defer_for_store(&self, msg: &Message) -> Verdict {
+        let delay = self
+            .queue
+            .dedup
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(1), |d| d.busy_delay);
+        self.metrics.deferred_store.inc();
+        self.defer(msg, delay).await
+    }
+
+    /// A child's reply on a fan-out step's join queue: recorded under its index (the first
+    /// record of an index stays); the reply that completes the join (or any later duplicate,
+    /// on any instance) continues the workflow, once, under `<id>:<step>#joined`. Progress
+    /// replies of children are dropped.
+    async fn join(&self, msg: &Message, flow: &Flow, compensable: bool) -> Verdict {
+        let status = headers::get_string(msg.headers(), headers::STATUS);
+        let ok = match status.as_deref().and_then(Status::parse) {
+            Some(Status::Progress) => return Verdict::Done,
+            Some(status) => status == Status::Ok,
+            None => {
+                let error = HandlerError::invalid_input("not a child reply: no x-status header");
+                return self.dead_letter(msg, error, msg.attempt()).await;
+            }
+        };
+        let Some((join_id, index, children)) = msg.correlation_id().and_then(plan::parse_child)
+        else {
+            let error = HandlerError::invalid_input(
+                "not a child reply: correlation_id is not <workflow id>:<step>:<i>/<n>",
+            );
+            return self.dead_letter(msg, error, msg.attempt()).await;
+        };
+        let Some(dedup) = &self.queue.dedup else {
+            let error = HandlerError::permanent("workflow", "a join needs a dedup store");
+            return self.dead_letter(msg, error, msg.attempt()).await;
+        };
+        let record = plan::child_record(ok, msg.body());
+        // A `Record` always serializes.
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        let scope = msg.handler();
+        let recorded = dedup
+            .store
+            .join_record(scope, join_id, &index.to_string(), bytes, dedup.retention)
+            .await;
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(error) => {
+                tracing::warn!(%error, "join not recorded; child reply deferred");
+                return self.defer_for_store(msg).await;
+            }
+        };
+        self.metrics.ok.inc();
+        if !plan::join_complete(recorded, children) {
+            return Verdict::Done;
+        }
+        let fields = match dedup.store.join_fields(scope, join_id).await {
+            Ok(fields) => fields,
+            Err(error) => {
+                tracing::warn!(%error, "join not read; child reply deferred");
+                return self.defer_for_store(msg).await;
+            }
+        };
+        let definition = &flow.role.definition;
+        let Some(plan) = plan::joined(&fields, compensable, &definition.finish) else {
+            let error = HandlerError::permanent(
+                "workflow",
+                format!("join {join_id} is complete but its fields are not readable"),
+            );
+            return self.dead_letter(msg, error, msg.attempt()).await;
+        };
+        let (id, _) = join_id.rsplit_once(':').unwrap_or((join_id, ""));
+        let caller = match serde_json::from_slice::<plan::JoinState>(&fields[plan::JOIN_STATE]) {
+            Ok(state) => state.slip.caller,
+            Err(_) => Caller::default(),
+        };
+        let marker = names::workflow_joined(join_id);
+        match self
+            .continue_with(msg, flow, Some(&marker), id, &caller, || plan, false)
+            .await
+        {
+            Ok(()) => Verdict::Done,
+            Err(verdict) => verdict,
+        }
+    }
+
+    /// The progress reply, then the next message or the final reply, each confirmed.
+    async fn publish_plan(
+        &self,
+        msg: &Message,
+        id: &str,
+        caller: &Caller,
+        plan: &Plan,
+    ) -> Result<(), PublishError> {
+        let trace = msg.trace();
+        let send = |status: Status, body: Vec<u8>, message_id: Option<String>| async move {
+            match &caller.reply_to {
+                Some(reply_to) => {
+                    reply::send_as(
+                        msg.publisher(),
+                        reply_to,
+                        caller.correlation_id.as_deref(),
+                        message_id.as_deref(),
+                        status,
+                        body,
+                        Some(trace),
+                    )
+                    .await
+                }
+                None => Ok(()),
+            }
+        };
+        if let Some(progress) = &plan.progress {
+            send(Status::Progress, progress.to_string().into_bytes(), None).await?;
+        }
+        match &plan.next {
+            Next::Send(out) => {
+                let mut table = out.slip.to_headers();
+                headers::set_string(&mut table, TRACEPARENT, trace.child().to_string());
+                let properties = BasicProperties::default()
+                    .with_message_id(out.message_id.as_str().into())
+                    .with_timestamp(crate::stores::now() as u64)
+                    .with_headers(table);
+                msg.publisher()
+                    .publish_json(&out.queue, &out.body.to_bytes(), properties)
+                    .await
+            }
+            Next::FanOut(fan_out) => {
+                let sends = fan_out.children.iter().map(|child| {
+                    let mut table = FieldTable::default();
+                    headers::set_string(&mut table, TRACEPARENT, trace.child().to_string());
+                    let properties = BasicProperties::default()
+                        .with_message_id(child.message_id.as_str().into())
+                        .with_correlation_id(child.correlation_id.as_str().into())
+                        .with_reply_to(fan_out.join_queue.as_str().into())
+                        .with_timestamp(crate::stores::now() as u64)
+                        .with_headers(table);
+                    let body = child.body.to_string().into_bytes();
+                    async move {
+                        msg.publisher()
+                            .publish_json(&fan_out.queue, &body, properties)
+                            .await
+                    }
+                });
+                futures::future::try_join_all(sends).await.map(drop)
+            }
+            Next::Finish(last) => {
+                // The same id on every copy a redelivery can repeat.
+                let id = Some(names::workflow_final(id));
+                match last.reply() {
+                    Ok(output) => send(Status::Ok, output.to_string().into_bytes(), id).await,
+                    Err(error) => send(Status::Error, error.to_string().into_bytes(), id).await,
+                }
+            }
+        }
+    }
+
+    /// Metrics and the workflow's job status at its end, written to the store before the
+    /// mark and the ack (see `JobRecorder::write_now`).
+    async fn account(&self, flow: &Flow, id: &str, plan: &Plan) {
+        let Next::Finish(last) = &plan.next else {
+            return;
+        };
+        match last {
+            Final::Succeeded(_) => flow.metrics.completed.inc(),
+            Final::Failed(_) => flow.metrics.failed.inc(),
+            Final::Compensated { .. } => flow.metrics.compensated.inc(),
+        }
+        if let Some(jobs) = &flow.jobs {
+            jobs.write_now(id, last.job_status(), 1, |j| match last.reply() {
+                Ok(output) => j.result = Some(output.clone()),
+                Err(_) => {
+                    j.error = Some(last.error());
+                    j.retrying = Some(false);
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// The message's place in its workflow, read before its handler runs.
+fn origin(msg: &Message, flow: &Flow) -> Result<Origin, HandlerError> {
+    match flow.role.kind {
+        RoleKind::Entry => {
+            let input = serde_json::from_slice(msg.body()).map_err(|e| {
+                HandlerError::invalid_input(format!("workflow input is not JSON: {e}"))
+            })?;
+            Ok(Origin::Entry {
+                // Without a message id, a redelivered entry starts a second workflow.
+                id: msg.message_id().map_or_else(
+                    || format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+                    str::to_owned,
+                ),
+                caller: Caller {
+                    reply_to: msg.reply_to().map(str::to_owned),
+                    correlation_id: msg.correlation_id().map(str::to_owned),
+                },
+                input,
+            })
+        }
+        RoleKind::Step { .. } | RoleKind::Compensation | RoleKind::Join { .. } => {
+            let slip = Slip::from_headers(msg.headers())?;
+            if slip.workflow != flow.role.definition.name {
+                return Err(HandlerError::invalid_input(format!(
+                    "message of workflow '{}' on a queue of workflow '{}'",
+                    slip.workflow, flow.role.definition.name
+                )));
+            }
+            Ok(Origin::Slip {
+                body: Body::parse(msg.body())?,
+                slip: Box::new(slip),
+            })
+        }
+    }
+}
+
+/// What follows: the pure part, in `workflow::plan`.
+fn plan_for(flow: &Flow, origin: Origin, record: Record) -> Plan {
+    let definition = &flow.role.definition;
+    let failed = |kind: String, message: String| HandlerError::permanent(kind, message);
+    match (origin, flow.role.kind, record) {
+        (Origin::Entry { id, caller, input }, _, _) => plan::start(
+            &definition.name,
+            &id,
+            &definition.steps,
+            caller,
+            input,
+            (crate::stores::now() * 1000.0) as u64,
+            &definition.finish,
+        ),
+        (Origin::Slip { slip, body }, RoleKind::Step { compensable }, Record::Ok(output)) => {
+            match &flow.role.fan_out {
+                Some(queue) => {
+                    plan::fan_out(*slip, body, output, queue, compensable, &definition.finish)
+                }
+                None => plan::step_done(*slip, body, output, compensable, &definition.finish),
+            }
+        }
+        (Origin::Slip { slip, body }, RoleKind::Step { .. }, Record::Failed { kind, message }) => {
+            plan::step_failed(*slip, body, &failed(kind, message))
+        }
+        (Origin::Slip { slip, body }, _, record) => {
+            plan::compensation_done(*slip, body, matches!(record, Record::Ok(_)))
+        }
+    }
+}
