@@ -662,7 +662,7 @@ async fn the_migration_is_idempotent_and_safe_to_run_concurrently() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 4);
+    assert_eq!(tables, 6);
     // Again, now that everything exists; and the store works there.
     stores[0].migrate().await.unwrap();
     let h = unique("pg-schema");
@@ -716,4 +716,9 @@ async fn connecting_to_no_database_is_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_completes_once_whatever_the_duplicates() {
     dedup::join_completes_once(std::sync::Arc::new(store().await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_come_due_in_order() {
+    dedup::watches_come_due_in_order(std::sync::Arc::new(store().await)).await;
 }

@@ -626,3 +626,10 @@ async fn a_join_completes_once_whatever_the_duplicates() {
     dedup::join_completes_once(Arc::new(store.clone())).await;
     cleanup(&store).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_come_due_in_order() {
+    let store = store().await;
+    dedup::watches_come_due_in_order(Arc::new(store.clone())).await;
+    cleanup(&store).await;
+}

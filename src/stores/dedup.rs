@@ -83,4 +83,37 @@ pub trait DedupStore: Send + Sync + 'static {
         let _ = (scope, id);
         Box::pin(async { Err(StoreError("this dedup store does not support joins".into())) })
     }
+
+    /// Supervision: keeps `value` under `id`, due at `due_ms` (ms since the epoch), replacing
+    /// whatever `id` held. A watch never expires by itself: it is dropped with
+    /// [`unwatch`](Self::unwatch) when its work moved on, so a stuck one is never forgotten.
+    ///
+    /// The default refuses, like the joins'.
+    fn watch(
+        &self,
+        scope: &str,
+        id: &str,
+        due_ms: u64,
+        value: Vec<u8>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let _ = (scope, id, due_ms, value);
+        Box::pin(async { Err(StoreError("this dedup store does not support watches".into())) })
+    }
+
+    /// Drops the watch `id` (nothing when there is none).
+    fn unwatch(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let _ = (scope, id);
+        Box::pin(async { Err(StoreError("this dedup store does not support watches".into())) })
+    }
+
+    /// Up to `limit` watches due at or before `now_ms`, the earliest first: `(id, value)`.
+    fn due(
+        &self,
+        scope: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        let _ = (scope, now_ms, limit);
+        Box::pin(async { Err(StoreError("this dedup store does not support watches".into())) })
+    }
 }

@@ -37,6 +37,11 @@ pub struct JobStatus {
     /// Whether another attempt is scheduled (for `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retrying: Option<bool>,
+    /// A workflow's own status (under its id): where it stands — `current_step`,
+    /// `completed`, `compensating`, `compensated`, `failed_step`, `outcome` (see
+    /// [`workflow`](crate::workflow)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<serde_json::Value>,
 }
 
 /// Where job statuses live. The in-memory store is the default; shared stores let any
@@ -80,6 +85,7 @@ impl JobStatus {
             + self.handler.len()
             + self.result.as_ref().map_or(0, json_bytes)
             + self.error.as_ref().map_or(0, json_bytes)
+            + self.workflow.as_ref().map_or(0, json_bytes)
     }
 }
 

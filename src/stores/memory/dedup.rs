@@ -52,6 +52,9 @@ pub struct MemoryStore<C: Clock = SystemClock> {
     /// join lives as long as its workflow step and is small in number); expired ones are
     /// dropped when joins outnumber the capacity.
     joins: Mutex<HashMap<(String, String), Join>>,
+    /// Supervision watches by (scope, id): when each is due and its value. Few (one per
+    /// workflow in flight) and removed when their work moves on: a scan is cheap enough.
+    watches: Mutex<HashMap<(String, String), (u64, Vec<u8>)>>,
 }
 
 /// One fan-in join: its recorded fields and when it expires.
@@ -184,6 +187,7 @@ impl<C: Clock> MemoryStore<C> {
             capacity: capacity.max(1),
             clock,
             joins: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -340,6 +344,59 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
                     .unwrap_or_default()
             });
         Box::pin(async move { result })
+    }
+
+    fn watch(
+        &self,
+        scope: &str,
+        id: &str,
+        due_ms: u64,
+        value: Vec<u8>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let result = self.with_watches(|watches| {
+            watches.insert((scope.to_owned(), id.to_owned()), (due_ms, value));
+        });
+        Box::pin(async move { result })
+    }
+
+    fn unwatch(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let result = self.with_watches(|watches| {
+            watches.remove(&(scope.to_owned(), id.to_owned()));
+        });
+        Box::pin(async move { result })
+    }
+
+    fn due(
+        &self,
+        scope: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        let result = self.with_watches(|watches| {
+            let mut due: Vec<_> = watches
+                .iter()
+                .filter(|((s, _), (at, _))| s == scope && *at <= now_ms)
+                .map(|((_, id), (at, value))| (*at, id.clone(), value.clone()))
+                .collect();
+            due.sort();
+            due.into_iter()
+                .take(limit)
+                .map(|(_, id, value)| (id, value))
+                .collect()
+        });
+        Box::pin(async move { result })
+    }
+}
+
+impl<C: Clock> MemoryStore<C> {
+    fn with_watches<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<(String, String), (u64, Vec<u8>)>) -> T,
+    ) -> Result<T, StoreError> {
+        self.watches
+            .lock()
+            .map(|mut watches| f(&mut watches))
+            .map_err(|_| StoreError("memory store lock poisoned".into()))
     }
 }
 

@@ -156,6 +156,64 @@ impl DedupStore for PostgresStore {
                 .collect()
         })
     }
+
+    fn watch(
+        &self,
+        scope: &str,
+        id: &str,
+        due_ms: u64,
+        value: Vec<u8>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        Box::pin(async move {
+            let due = to_bigint("watch due", due_ms)?;
+            store
+                .with_client("watch", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(WATCH).await?;
+                    c.execute(&stmt, &[&scope, &id, &due, &value]).await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn unwatch(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        Box::pin(async move {
+            store
+                .with_client("unwatch", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(UNWATCH).await?;
+                    c.execute(&stmt, &[&scope, &id]).await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn due(
+        &self,
+        scope: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        let store = self.clone();
+        let scope = scope.to_owned();
+        Box::pin(async move {
+            let now = to_bigint("due watches", now_ms)?;
+            let limit = to_bigint("due watches", limit as u64)?;
+            let rows = store
+                .with_client("due watches", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(DUE).await?;
+                    c.query(&stmt, &[&scope, &now, &limit]).await
+                })
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?)))
+                .collect()
+        })
+    }
 }
 
 /// Decodes what `encode(…, 'hex')` wrote.

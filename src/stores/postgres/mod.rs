@@ -10,6 +10,9 @@
 //! recorded by one upsert that returns the field count; the row lock serializes concurrent
 //! records of one join, so exactly one of them completes it.
 //!
+//! Supervision watches (`cottontail_watches`: one row per watch, indexed by scope and due time)
+//! are one upsert, one delete, one indexed range read.
+//!
 //! Sequence state (`cottontail_sequences`: the next expected number per handler and key) and
 //! stamps (`cottontail_stamps`: the last number handed out per key) never expire; every
 //! change is one statement, so it is atomic without an explicit transaction.
@@ -83,6 +86,14 @@ CREATE TABLE IF NOT EXISTS cottontail_joins (
     PRIMARY KEY (scope, id)
 );
 CREATE INDEX IF NOT EXISTS cottontail_joins_expires_at ON cottontail_joins (expires_at);
+CREATE TABLE IF NOT EXISTS cottontail_watches (
+    scope  text   NOT NULL,
+    id     text   NOT NULL,
+    due_ms bigint NOT NULL,
+    value  bytea  NOT NULL,
+    PRIMARY KEY (scope, id)
+);
+CREATE INDEX IF NOT EXISTS cottontail_watches_due ON cottontail_watches (scope, due_ms);
 ";
 
 /// How many of the migration's tables and indexes exist ([`MIGRATED_ALL`] when it has run).
@@ -91,10 +102,11 @@ CREATE INDEX IF NOT EXISTS cottontail_joins_expires_at ON cottontail_joins (expi
 const MIGRATED: &str = "\
 SELECT count(to_regclass(name)) FROM unnest(ARRAY['cottontail_dedup', 'cottontail_jobs',
     'cottontail_dedup_expires_at', 'cottontail_jobs_expires_at', 'cottontail_sequences',
-    'cottontail_stamps', 'cottontail_joins', 'cottontail_joins_expires_at']) AS name";
+    'cottontail_stamps', 'cottontail_joins', 'cottontail_joins_expires_at',
+    'cottontail_watches', 'cottontail_watches_due']) AS name";
 
 /// The number of objects [`MIGRATED`] counts.
-const MIGRATED_ALL: i64 = 8;
+const MIGRATED_ALL: i64 = 10;
 
 /// Serializes concurrent migrations (`CREATE … IF NOT EXISTS` alone can still collide).
 const MIGRATION_LOCK: i64 = 0x636f_7474_6f6e_7461;

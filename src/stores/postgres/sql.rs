@@ -111,3 +111,15 @@ SELECT f.key, f.value FROM cottontail_joins, jsonb_each_text(fields) AS f
 /// Expired rows are overwritten in place by the next claim of the same id; ids that never come
 /// back are deleted by a bounded purge every this many writes.
 pub(super) const PURGE_EVERY: u64 = 1000;
+
+/// Keep a supervision watch (replacing the one held under the id).
+pub(super) const WATCH: &str = "\
+INSERT INTO cottontail_watches (scope, id, due_ms, value) VALUES ($1, $2, $3, $4)
+ON CONFLICT (scope, id) DO UPDATE SET due_ms = EXCLUDED.due_ms, value = EXCLUDED.value";
+
+pub(super) const UNWATCH: &str = "DELETE FROM cottontail_watches WHERE scope = $1 AND id = $2";
+
+/// The watches due, earliest first (the index on `(scope, due_ms)` serves it).
+pub(super) const DUE: &str = "\
+SELECT id, value FROM cottontail_watches WHERE scope = $1 AND due_ms <= $2
+ ORDER BY due_ms LIMIT $3";

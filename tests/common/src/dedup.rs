@@ -256,3 +256,49 @@ pub async fn join_completes_once(store: std::sync::Arc<dyn cottontail::stores::D
     .await;
     assert_eq!(counts.iter().max(), Some(&2), "{counts:?}");
 }
+
+/// Supervision watches on a store: due ones come back earliest first (up to the limit), one
+/// not yet due does not, a watch kept again replaces its value and due time, an unwatched one
+/// is gone, and scopes are apart.
+pub async fn watches_come_due_in_order(store: std::sync::Arc<dyn cottontail::stores::DedupStore>) {
+    let scope = unique("watch");
+    for (id, due) in [("w-3", 300u64), ("w-1", 100), ("w-2", 200), ("later", 10_000)] {
+        store
+            .watch(&scope, id, due, id.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let due = store.due(&scope, 1_000, 10).await.unwrap();
+    let ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["w-1", "w-2", "w-3"]);
+    assert_eq!(due[0].1, b"w-1");
+    assert_eq!(store.due(&scope, 1_000, 2).await.unwrap().len(), 2);
+    store
+        .watch(&scope, "w-1", 5_000, b"again".to_vec())
+        .await
+        .unwrap();
+    store.unwatch(&scope, "w-2").await.unwrap();
+    store.unwatch(&scope, "never-watched").await.unwrap();
+    let ids: Vec<String> = store
+        .due(&scope, 1_000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, ["w-3"]);
+    let all = store.due(&scope, 20_000, 10).await.unwrap();
+    assert_eq!(
+        all,
+        [
+            ("w-3".to_string(), b"w-3".to_vec()),
+            ("w-1".to_string(), b"again".to_vec()),
+            ("later".to_string(), b"later".to_vec()),
+        ]
+    );
+    assert!(store
+        .due(&unique("watch"), 20_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
