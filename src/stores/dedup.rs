@@ -29,6 +29,9 @@ pub enum Claim {
     Busy,
 }
 
+/// Watches come due: `(id, value)`, the earliest first.
+pub type DueWatches = Vec<(String, Vec<u8>)>;
+
 /// A dedup backend. Keys are `(scope, id)`: the scope is the handler, so two handlers may see
 /// the same message id independently.
 pub trait DedupStore: Send + Sync + 'static {
@@ -97,13 +100,21 @@ pub trait DedupStore: Send + Sync + 'static {
         value: Vec<u8>,
     ) -> BoxFuture<Result<(), StoreError>> {
         let _ = (scope, id, due_ms, value);
-        Box::pin(async { Err(StoreError("this dedup store does not support watches".into())) })
+        Box::pin(async {
+            Err(StoreError(
+                "this dedup store does not support watches".into(),
+            ))
+        })
     }
 
     /// Drops the watch `id` (nothing when there is none).
     fn unwatch(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
         let _ = (scope, id);
-        Box::pin(async { Err(StoreError("this dedup store does not support watches".into())) })
+        Box::pin(async {
+            Err(StoreError(
+                "this dedup store does not support watches".into(),
+            ))
+        })
     }
 
     /// Up to `limit` watches due at or before `now_ms`, the earliest first: `(id, value)`.
@@ -112,8 +123,12 @@ pub trait DedupStore: Send + Sync + 'static {
         scope: &str,
         now_ms: u64,
         limit: usize,
-    ) -> BoxFuture<Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    ) -> BoxFuture<Result<DueWatches, StoreError>> {
         let _ = (scope, now_ms, limit);
-        Box::pin(async { Err(StoreError("this dedup store does not support watches".into())) })
+        Box::pin(async {
+            Err(StoreError(
+                "this dedup store does not support watches".into(),
+            ))
+        })
     }
 }

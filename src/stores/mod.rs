@@ -31,7 +31,7 @@ pub mod postgres;
 pub mod redis;
 mod sequences;
 
-pub use dedup::{Claim, DedupStore};
+pub use dedup::{Claim, DedupStore, DueWatches};
 pub(crate) use jobs::now;
 pub use jobs::{JobStatus, JobStore};
 pub use memory::{MemoryJobs, MemorySequences, MemoryStamper, MemoryStore, DEFAULT_JOB_BYTES};

@@ -54,7 +54,7 @@ pub struct MemoryStore<C: Clock = SystemClock> {
     joins: Mutex<HashMap<(String, String), Join>>,
     /// Supervision watches by (scope, id): when each is due and its value. Few (one per
     /// workflow in flight) and removed when their work moves on: a scan is cheap enough.
-    watches: Mutex<HashMap<(String, String), (u64, Vec<u8>)>>,
+    watches: Mutex<Watches>,
 }
 
 /// One fan-in join: its recorded fields and when it expires.
@@ -64,6 +64,9 @@ struct Join {
 }
 
 type Ids = HashMap<Arc<str>, Entry>;
+
+/// Watches by (scope, id): when each is due, and its value.
+type Watches = HashMap<(String, String), (u64, Vec<u8>)>;
 
 /// Ids by scope (a handler: a few per process, found by a scan) and id (looked up by `&str`,
 /// so checking an id allocates nothing; a new id allocates its key once, shared with the
@@ -371,7 +374,7 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
         scope: &str,
         now_ms: u64,
         limit: usize,
-    ) -> BoxFuture<Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    ) -> BoxFuture<Result<crate::stores::DueWatches, StoreError>> {
         let result = self.with_watches(|watches| {
             let mut due: Vec<_> = watches
                 .iter()
@@ -389,10 +392,7 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
 }
 
 impl<C: Clock> MemoryStore<C> {
-    fn with_watches<T>(
-        &self,
-        f: impl FnOnce(&mut HashMap<(String, String), (u64, Vec<u8>)>) -> T,
-    ) -> Result<T, StoreError> {
+    fn with_watches<T>(&self, f: impl FnOnce(&mut Watches) -> T) -> Result<T, StoreError> {
         self.watches
             .lock()
             .map(|mut watches| f(&mut watches))

@@ -197,7 +197,7 @@ impl DedupStore for PostgresStore {
         scope: &str,
         now_ms: u64,
         limit: usize,
-    ) -> BoxFuture<Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    ) -> BoxFuture<Result<crate::stores::DueWatches, StoreError>> {
         let store = self.clone();
         let scope = scope.to_owned();
         Box::pin(async move {

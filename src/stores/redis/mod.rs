@@ -432,7 +432,7 @@ impl DedupStore for RedisStore {
         scope: &str,
         now_ms: u64,
         limit: usize,
-    ) -> BoxFuture<Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    ) -> BoxFuture<Result<crate::stores::DueWatches, StoreError>> {
         let mut conn = self.conn.clone();
         let (due, values) = self.watch_keys(scope);
         let timeout = self.timeout;

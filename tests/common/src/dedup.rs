@@ -262,7 +262,12 @@ pub async fn join_completes_once(store: std::sync::Arc<dyn cottontail::stores::D
 /// is gone, and scopes are apart.
 pub async fn watches_come_due_in_order(store: std::sync::Arc<dyn cottontail::stores::DedupStore>) {
     let scope = unique("watch");
-    for (id, due) in [("w-3", 300u64), ("w-1", 100), ("w-2", 200), ("later", 10_000)] {
+    for (id, due) in [
+        ("w-3", 300u64),
+        ("w-1", 100),
+        ("w-2", 200),
+        ("later", 10_000),
+    ] {
         store
             .watch(&scope, id, due, id.as_bytes().to_vec())
             .await
