@@ -23,6 +23,10 @@ use crate::stores::{JobStore, MemoryJobs};
 use crate::workflow::Workflow;
 use crate::Error;
 
+/// How often a workflow's supervisor looks for steps past their deadline (a cron pattern
+/// with seconds).
+const SUPERVISE_EVERY: &str = "*/2 * * * * *";
+
 /// A set of handlers with their state, ready to run against a broker.
 ///
 /// ```no_run
@@ -121,6 +125,16 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         match workflow.into_handlers(&self.state) {
             Ok(handlers) => {
                 for (queue, service, role) in handlers {
+                    if role.kind == crate::workflow::RoleKind::Supervisor {
+                        // The supervisor is a singleton the way schedules are: its ticks come
+                        // from the one instance leading its schedule.
+                        match Schedule::new(queue.name(), SUPERVISE_EVERY) {
+                            Ok(schedule) => self
+                                .schedules
+                                .push((Arc::new(schedule), queue.name().to_owned())),
+                            Err(error) => self.errors.push(error.to_string()),
+                        }
+                    }
                     self.handlers.push(Registered {
                         queue: Arc::new(queue),
                         service,

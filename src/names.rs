@@ -121,8 +121,15 @@ pub fn workflow_continued(message_id: &str) -> String {
     format!("{message_id}#continued")
 }
 
+/// `W.supervise`: the queue of workflow `workflow`'s supervisor ticks; also the name of the
+/// schedule that fires them (whose leader queue makes the supervisor a singleton).
+pub fn workflow_supervisor(workflow: &str) -> String {
+    format!("{workflow}.supervise")
+}
+
 /// Step names that would collide with the queues cottontail declares around the entry queue.
-pub const RESERVED_STEP_NAMES: &[&str] = &["dlq", "retry", "band", "partition", "members"];
+pub const RESERVED_STEP_NAMES: &[&str] =
+    &["dlq", "retry", "band", "partition", "members", "supervise"];
 
 #[cfg(test)]
 mod tests {

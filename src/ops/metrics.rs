@@ -34,6 +34,7 @@ pub struct Metrics {
     workflows_completed: IntCounterVec,
     workflows_compensated: IntCounterVec,
     workflows_failed: IntCounterVec,
+    workflow_deadlines: IntCounterVec,
     compensation_failures: IntCounterVec,
     step_duration: HistogramVec,
 }
@@ -221,6 +222,14 @@ impl Metrics {
             "cottontail_workflows_failed_total",
             "Workflows without compensations that failed at a step (final error reply)",
         );
+        let workflow_deadlines = IntCounterVec::new(
+            Opts::new(
+                "cottontail_workflow_deadlines_total",
+                "Workflow steps past their deadline, by what the supervisor did (redispatched, compensated)",
+            ),
+            &["workflow", "action"],
+        )
+        .expect("static metric definition");
         let compensation_failures = IntCounterVec::new(
             Opts::new(
                 "cottontail_workflow_compensation_failures_total",
@@ -263,6 +272,7 @@ impl Metrics {
             Box::new(workflows_completed.clone()),
             Box::new(workflows_compensated.clone()),
             Box::new(workflows_failed.clone()),
+            Box::new(workflow_deadlines.clone()),
             Box::new(compensation_failures.clone()),
             Box::new(step_duration.clone()),
         ] {
@@ -296,6 +306,7 @@ impl Metrics {
             workflows_completed,
             workflows_compensated,
             workflows_failed,
+            workflow_deadlines,
             compensation_failures,
             step_duration,
         }
@@ -308,6 +319,12 @@ impl Metrics {
             completed: self.workflows_completed.with_label_values(&[workflow]),
             compensated: self.workflows_compensated.with_label_values(&[workflow]),
             failed: self.workflows_failed.with_label_values(&[workflow]),
+            redispatched: self
+                .workflow_deadlines
+                .with_label_values(&[workflow, "redispatched"]),
+            deadline_compensated: self
+                .workflow_deadlines
+                .with_label_values(&[workflow, "compensated"]),
             step: step.map(|step| StepMetrics {
                 compensation_failures: self
                     .compensation_failures
@@ -441,6 +458,10 @@ pub(crate) struct WorkflowMetrics {
     pub completed: IntCounter,
     pub compensated: IntCounter,
     pub failed: IntCounter,
+    /// Steps past their deadline sent again by the supervisor.
+    pub redispatched: IntCounter,
+    /// Steps past their deadline the supervisor failed (the workflow compensated).
+    pub deadline_compensated: IntCounter,
     /// A step's or compensation's own series (none for the entry queue).
     pub step: Option<StepMetrics>,
 }

@@ -108,7 +108,11 @@ impl Session {
                     .then(|| JobRecorder::new(sup.jobs.clone(), h.queue.handler()));
                 let workflow = h.workflow.as_ref().map(|role| {
                     let name = &role.definition.name;
-                    let step = (role.kind != crate::workflow::RoleKind::Entry)
+                    let own = !matches!(
+                        role.kind,
+                        crate::workflow::RoleKind::Entry | crate::workflow::RoleKind::Supervisor
+                    );
+                    let step = own
                         .then(|| h.queue.name().strip_prefix(&format!("{name}.")))
                         .flatten()
                         .map(|s| s.trim_end_matches(".compensate").trim_end_matches(".join"));

@@ -89,6 +89,7 @@
 //! the final output), `compensated` (with the error object), or `dead_lettered` when a
 //! compensation was dead-lettered. Each step message has its own job status too.
 
+pub(crate) mod deadline;
 mod extract;
 pub(crate) mod plan;
 pub(crate) mod slip;
@@ -97,6 +98,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use deadline::OnDeadline;
 pub use extract::{Context, Input, Recorded};
 
 use crate::error::HandlerError;
@@ -115,6 +117,7 @@ pub struct Workflow<S> {
     finish: Option<Finish>,
     dedup: Option<Dedup>,
     queues: Arc<dyn Fn(Queue) -> Queue + Send + Sync>,
+    deadline: Option<deadline::Deadline>,
     errors: Vec<String>,
 }
 
@@ -137,6 +140,7 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
             finish: None,
             dedup: None,
             queues: Arc::new(|queue| queue),
+            deadline: None,
             errors: Vec::new(),
         }
     }
@@ -235,6 +239,15 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
         self
     }
 
+    /// Gives every step (and compensation) message `after` to complete once sent; past that
+    /// the workflow's supervisor acts per `policy` (see the [module](self), "Deadlines").
+    /// Needs a dedup store that keeps watches (memory, Redis, PostgreSQL); several instances
+    /// need a shared one.
+    pub fn deadline(mut self, after: std::time::Duration, policy: OnDeadline) -> Self {
+        self.deadline = Some(deadline::Deadline { after, policy });
+        self
+    }
+
     /// The workflow's name (its entry queue).
     pub fn name(&self) -> &str {
         &self.name
@@ -252,6 +265,7 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
             finish,
             dedup,
             queues,
+            deadline,
             ..
         } = self;
         let dedup = dedup.unwrap_or_else(|| Dedup::new(MemoryStore::new(100_000)));
@@ -259,6 +273,7 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
             name: name.clone(),
             steps: steps.iter().map(|s| s.name.clone()).collect(),
             compensates: steps.iter().any(|s| s.compensation.is_some()),
+            deadline,
             finish: finish.unwrap_or_else(|| {
                 Arc::new(|context: &Context| {
                     Ok(serde_json::Value::Object(context.results().clone()))
@@ -282,6 +297,13 @@ impl<S: Clone + Send + Sync + 'static> Workflow<S> {
             BoxedHandler::from_handler(accept, ()),
             role(RoleKind::Entry, None),
         )];
+        if definition.deadline.is_some() {
+            handlers.push((
+                queue(names::workflow_supervisor(&name)).concurrency(1),
+                BoxedHandler::from_handler(accept, ()),
+                role(RoleKind::Supervisor, None),
+            ));
+        }
         for step in steps {
             let compensable = step.compensation.is_some();
             if step.fan_out.is_some() {
@@ -356,6 +378,8 @@ pub(crate) struct Definition {
     pub compensates: bool,
     /// Builds the final output.
     pub finish: Finish,
+    /// How long a step may take, and what then.
+    pub deadline: Option<deadline::Deadline>,
 }
 
 /// What one queue of a workflow is.
@@ -378,4 +402,7 @@ pub(crate) enum RoleKind {
     /// The join of a fan-out step (`compensable`: the step has a compensation): consumes the
     /// children's replies, never runs a handler.
     Join { compensable: bool },
+    /// The supervisor's queue (a workflow with a deadline): each tick of its schedule scans
+    /// the watches past their deadline; never runs a handler.
+    Supervisor,
 }

@@ -10,6 +10,7 @@
 //! record, unless `<id>#continued` says that was done too. What to publish is decided by the
 //! pure functions of `workflow::plan`.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,7 +31,9 @@ use crate::ops::trace_context::TRACEPARENT;
 use crate::outcome::Outcome;
 use crate::runtime::copies;
 use crate::runtime::job_writer::JobRecorder;
-use crate::workflow::plan::{self, Final, Next, Plan, Record};
+use crate::stores::Claim;
+use crate::workflow::deadline::{self, Action, Deadline, Watch};
+use crate::workflow::plan::{self, Final, Next, Outgoing, Plan, Record};
 use crate::workflow::slip::{Body, Caller, Slip};
 use crate::workflow::{Role, RoleKind};
 
@@ -73,11 +76,46 @@ impl Origin {
     }
 }
 
+/// How a continuation came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum How {
+    /// A new workflow: counted as started.
+    Entry,
+    /// After a handler run (or a join, or the supervisor) in this attempt.
+    Fresh,
+    /// A redelivery continuing from its record: it may come after the workflow moved on, so
+    /// it does not write the workflow's `running` state.
+    Again,
+}
+
+/// What a continuation continues.
+struct Continuing<'a> {
+    /// The workflow id.
+    id: &'a str,
+    caller: &'a Caller,
+    /// The watched step or compensation message whose continuation this is: its watch is
+    /// dropped once the continuation is published.
+    watched: Option<&'a str>,
+    /// The steps completed before it (for the workflow's `/jobs` state).
+    completed: Vec<String>,
+    how: How,
+}
+
+/// The most watches one supervisor tick acts on (the next tick takes the rest).
+const SCAN_LIMIT: usize = 100;
+
+/// Now, in ms since the epoch.
+fn now_ms() -> u64 {
+    (crate::stores::now() * 1000.0) as u64
+}
+
 impl Worker {
     /// A workflow message, after the guards.
     pub(super) async fn handle_workflow(&self, msg: Message, flow: &Flow) -> Verdict {
-        if let RoleKind::Join { compensable } = flow.role.kind {
-            return self.join(&msg, flow, compensable).await;
+        match flow.role.kind {
+            RoleKind::Join { compensable } => return self.join(&msg, flow, compensable).await,
+            RoleKind::Supervisor => return self.supervise(&msg, flow).await,
+            _ => {}
         }
         let origin = match origin(&msg, flow) {
             Ok(origin) => origin,
@@ -262,24 +300,36 @@ impl Worker {
         let marker = msg.message_id().map(names::workflow_continued);
         let id = origin.id().to_owned();
         let caller = origin.caller().clone();
-        let entry = flow.role.kind == RoleKind::Entry && fresh;
+        let entry = flow.role.kind == RoleKind::Entry;
+        let completed = match &origin {
+            Origin::Slip { body, .. } => deadline::completed(&flow.role.definition.steps, body),
+            Origin::Entry { .. } => Vec::new(),
+        };
+        let from = Continuing {
+            id: &id,
+            caller: &caller,
+            watched: msg.message_id().filter(|_| !entry),
+            completed,
+            how: match (entry, fresh) {
+                (true, true) => How::Entry,
+                (false, true) => How::Fresh,
+                (_, false) => How::Again,
+            },
+        };
         let plan = || plan_for(flow, origin, record);
-        self.continue_with(msg, flow, marker.as_deref(), &id, &caller, plan, entry)
+        self.continue_with(msg, flow, marker.as_deref(), from, plan)
             .await
     }
 
     /// Publishes `plan` once per `marker` (claimed before, marked done after; `None`: no
-    /// dedup). `entry`: the workflow starts here (its `running` status is written first).
-    #[allow(clippy::too_many_arguments)]
+    /// dedup).
     async fn continue_with(
         &self,
         msg: &Message,
         flow: &Flow,
         marker: Option<&str>,
-        id: &str,
-        caller: &Caller,
+        from: Continuing<'_>,
         plan: impl FnOnce() -> Plan,
-        entry: bool,
     ) -> Result<(), Verdict> {
         let claim = match marker {
             Some(marker) => match self.claim_id(msg, marker).await? {
@@ -288,41 +338,226 @@ impl Worker {
             },
             None => None,
         };
-        let mut plan = plan();
-        if !flow.role.definition.compensates {
+        self.proceed(msg, flow, from, plan(), claim.as_ref(), msg.handler())
+            .await
+    }
+
+    /// Publishes `plan` under the continuation claim `claim` (of `scope`), completed once
+    /// published: the workflow's state and watch first, then the messages, then the mark.
+    async fn proceed(
+        &self,
+        msg: &Message,
+        flow: &Flow,
+        from: Continuing<'_>,
+        mut plan: Plan,
+        claim: Option<&Claimed<'_>>,
+        scope: &str,
+    ) -> Result<(), Verdict> {
+        let definition = &flow.role.definition;
+        let release = || async {
+            if let Some(claim) = claim {
+                claim.release(scope).await;
+            }
+        };
+        if !definition.compensates {
             if let Next::Finish(last) = plan.next {
                 plan.next = Next::Finish(last.without_compensations());
             }
         }
-        if entry {
-            // Stored before the first step exists, so it cannot land after the end.
+        if from.how == How::Entry {
             flow.metrics.started.inc();
+        }
+        if let (Some(deadline), Next::Send(out)) = (definition.deadline, &plan.next) {
+            // Watched before it exists, so no step is ever in flight unwatched.
+            let watch = Watch::new(out, now_ms(), deadline.after);
+            if let Err(error) = self.keep_watch(flow, &watch).await {
+                tracing::warn!(%error, "workflow watch not stored; continuation deferred");
+                release().await;
+                return Err(self.defer_for_store(msg).await);
+            }
+        }
+        if from.how != How::Again && !matches!(plan.next, Next::Finish(_)) {
+            // Stored before the next message exists, so it cannot land after the end (the
+            // entry's `running` included).
             if let Some(jobs) = &flow.jobs {
-                jobs.write_now(id, "running", 1, |_| {}).await;
+                let state = deadline::state(&definition.steps, &from.completed, &plan);
+                jobs.write_now(from.id, "running", 1, |j| j.workflow = Some(state))
+                    .await;
             }
         }
         if let Next::FanOut(fan_out) = &plan.next {
             // The join's state is in the store before any child exists to complete it.
             if let Err(error) = self.keep_join_state(fan_out).await {
                 tracing::warn!(%error, "join state not stored; fan-out deferred");
-                if let Some(claim) = &claim {
-                    claim.release(msg.handler()).await;
-                }
+                release().await;
                 return Err(self.defer_for_store(msg).await);
             }
         }
         // The end is stored before the final reply, so that the window between the reply and
         // the mark (where a killed instance leaves a redelivery to reply again) is one store
         // call; a redelivery that continues writes the same end again.
-        self.account(flow, id, &plan).await;
-        if let Err(e) = self.publish_plan(msg, id, caller, &plan).await {
-            if let Some(claim) = &claim {
-                claim.release(msg.handler()).await;
-            }
+        self.account(flow, &from, &plan).await;
+        if let Err(e) = self.publish_plan(msg, from.id, from.caller, &plan).await {
+            release().await;
             return Err(self.publish_failed(e));
         }
-        if let Some(claim) = &claim {
-            claim.complete(msg.handler(), None).await;
+        if let Some(claim) = claim {
+            claim.complete(scope, None).await;
+        }
+        // A fan-out step stays watched until its watch comes due: the supervisor then finds
+        // it continued and drops it (its children are not watched).
+        if let (Some(_), Some(watched)) = (definition.deadline, from.watched) {
+            let next = match &plan.next {
+                Next::Send(out) => Some(out.message_id.as_str()),
+                Next::FanOut(_) => Some(watched),
+                Next::Finish(_) => None,
+            };
+            if next != Some(watched) {
+                self.drop_watch(flow, watched).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `watch` in the workflow's dedup store (scope: the workflow's name).
+    async fn keep_watch(
+        &self,
+        flow: &Flow,
+        watch: &Watch,
+    ) -> Result<(), crate::stores::StoreError> {
+        let Some(dedup) = &self.queue.dedup else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec(watch)
+            .map_err(|e| crate::stores::StoreError(format!("watch: {e}")))?;
+        dedup
+            .store
+            .watch(
+                &flow.role.definition.name,
+                &watch.message_id,
+                watch.due_ms,
+                bytes,
+            )
+            .await
+    }
+
+    /// Drops the watch of `message_id`; one left behind by a failure is dropped by the
+    /// supervisor when it comes due (its continuation is marked done).
+    async fn drop_watch(&self, flow: &Flow, message_id: &str) {
+        let Some(dedup) = &self.queue.dedup else {
+            return;
+        };
+        let dropped = dedup
+            .store
+            .unwatch(&flow.role.definition.name, message_id)
+            .await;
+        if let Err(error) = dropped {
+            tracing::debug!(%error, "workflow watch not dropped; the supervisor will");
+        }
+    }
+
+    /// A tick of the workflow's supervisor schedule (fired by the one instance leading it):
+    /// acts on each watch past its deadline. A store that does not answer skips the tick;
+    /// the next one tries again.
+    async fn supervise(&self, msg: &Message, flow: &Flow) -> Verdict {
+        let definition = &flow.role.definition;
+        let (Some(deadline), Some(dedup)) = (definition.deadline, &self.queue.dedup) else {
+            return Verdict::Done;
+        };
+        let due = match dedup
+            .store
+            .due(&definition.name, now_ms(), SCAN_LIMIT)
+            .await
+        {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(%error, "workflow supervisor cannot read its watches");
+                return Verdict::Done;
+            }
+        };
+        for (message_id, bytes) in due {
+            let Ok(watch) = serde_json::from_slice::<Watch>(&bytes) else {
+                tracing::error!(message_id, "unreadable workflow watch dropped");
+                self.drop_watch(flow, &message_id).await;
+                continue;
+            };
+            if let Err(verdict) = self.overdue(msg, flow, deadline, watch).await {
+                return verdict;
+            }
+        }
+        Verdict::Done
+    }
+
+    /// One step or compensation message past its deadline. Its continuation's claim tells
+    /// whether it is stuck: done (it moved on; the watch was left behind) drops the watch,
+    /// held (it is continuing now) leaves it, free means stuck: it is sent again, or (held
+    /// by the supervisor, so a late run of the step cannot continue too) failed with
+    /// `deadline_exceeded` and compensated.
+    async fn overdue(
+        &self,
+        msg: &Message,
+        flow: &Flow,
+        deadline: Deadline,
+        watch: Watch,
+    ) -> Result<(), Verdict> {
+        let Some(dedup) = &self.queue.dedup else {
+            return Ok(());
+        };
+        // The step queue's handler, whose claims its continuation is marked in.
+        let scope = watch.queue.as_str();
+        let marker = names::workflow_continued(&watch.message_id);
+        let owner = format!("{}/{}", self.owner, self.claims.fetch_add(1, Relaxed));
+        match dedup.store.claim(scope, &marker, &owner, dedup.lease).await {
+            Ok(Claim::Done { .. }) => {
+                self.drop_watch(flow, &watch.message_id).await;
+                return Ok(());
+            }
+            Ok(Claim::Busy) => return Ok(()),
+            Err(error) => {
+                tracing::warn!(%error, "workflow supervisor cannot claim; next tick");
+                return Ok(());
+            }
+            Ok(Claim::Acquired) => {}
+        }
+        let claim = Claimed {
+            dedup,
+            owner,
+            id: marker,
+        };
+        let action = deadline::decide(&watch, deadline.policy);
+        tracing::warn!(
+            workflow = %flow.role.definition.name,
+            message_id = %watch.message_id,
+            redispatches = watch.redispatches,
+            action = action.label(),
+            "workflow step past its deadline"
+        );
+        match action {
+            Action::Redispatch => {
+                claim.release(scope).await;
+                let again = watch.redispatched(now_ms(), deadline.after);
+                if let Err(error) = self.keep_watch(flow, &again).await {
+                    tracing::warn!(%error, "workflow watch not renewed; next tick");
+                    return Ok(());
+                }
+                if let Err(e) = self.publish_outgoing(msg, &watch.outgoing()).await {
+                    return Err(self.publish_failed(e));
+                }
+                flow.metrics.redispatched.inc();
+            }
+            Action::Compensate => {
+                let plan = deadline::exceeded(&watch, deadline.after);
+                let from = Continuing {
+                    id: &watch.slip.id,
+                    caller: &watch.slip.caller,
+                    watched: Some(&watch.message_id),
+                    completed: deadline::completed(&flow.role.definition.steps, &watch.body),
+                    how: How::Fresh,
+                };
+                self.proceed(msg, flow, from, plan, Some(&claim), scope)
+                    .await?;
+                flow.metrics.deadline_compensated.inc();
+            }
         }
         Ok(())
     }
@@ -421,13 +656,24 @@ impl Worker {
             return self.dead_letter(msg, error, msg.attempt()).await;
         };
         let (id, _) = join_id.rsplit_once(':').unwrap_or((join_id, ""));
-        let caller = match serde_json::from_slice::<plan::JoinState>(&fields[plan::JOIN_STATE]) {
-            Ok(state) => state.slip.caller,
-            Err(_) => Caller::default(),
-        };
+        let (caller, completed) =
+            match serde_json::from_slice::<plan::JoinState>(&fields[plan::JOIN_STATE]) {
+                Ok(state) => (
+                    state.slip.caller,
+                    deadline::completed(&definition.steps, &state.body),
+                ),
+                Err(_) => (Caller::default(), Vec::new()),
+            };
         let marker = names::workflow_joined(join_id);
+        let from = Continuing {
+            id,
+            caller: &caller,
+            watched: Some(join_id),
+            completed,
+            how: How::Fresh,
+        };
         match self
-            .continue_with(msg, flow, Some(&marker), id, &caller, || plan, false)
+            .continue_with(msg, flow, Some(&marker), from, || plan)
             .await
         {
             Ok(()) => Verdict::Done,
@@ -465,17 +711,7 @@ impl Worker {
             send(Status::Progress, progress.to_string().into_bytes(), None).await?;
         }
         match &plan.next {
-            Next::Send(out) => {
-                let mut table = out.slip.to_headers();
-                headers::set_string(&mut table, TRACEPARENT, trace.child().to_string());
-                let properties = BasicProperties::default()
-                    .with_message_id(out.message_id.as_str().into())
-                    .with_timestamp(crate::stores::now() as u64)
-                    .with_headers(table);
-                msg.publisher()
-                    .publish_json(&out.queue, &out.body.to_bytes(), properties)
-                    .await
-            }
+            Next::Send(out) => self.publish_outgoing(msg, out).await,
             Next::FanOut(fan_out) => {
                 let sends = fan_out.children.iter().map(|child| {
                     let mut table = FieldTable::default();
@@ -506,9 +742,22 @@ impl Worker {
         }
     }
 
+    /// A step or compensation message, confirmed.
+    async fn publish_outgoing(&self, msg: &Message, out: &Outgoing) -> Result<(), PublishError> {
+        let mut table = out.slip.to_headers();
+        headers::set_string(&mut table, TRACEPARENT, msg.trace().child().to_string());
+        let properties = BasicProperties::default()
+            .with_message_id(out.message_id.as_str().into())
+            .with_timestamp(crate::stores::now() as u64)
+            .with_headers(table);
+        msg.publisher()
+            .publish_json(&out.queue, &out.body.to_bytes(), properties)
+            .await
+    }
+
     /// Metrics and the workflow's job status at its end, written to the store before the
     /// mark and the ack (see `JobRecorder::write_now`).
-    async fn account(&self, flow: &Flow, id: &str, plan: &Plan) {
+    async fn account(&self, flow: &Flow, from: &Continuing<'_>, plan: &Plan) {
         let Next::Finish(last) = &plan.next else {
             return;
         };
@@ -518,12 +767,16 @@ impl Worker {
             Final::Compensated { .. } => flow.metrics.compensated.inc(),
         }
         if let Some(jobs) = &flow.jobs {
-            jobs.write_now(id, last.job_status(), 1, |j| match last.reply() {
-                Ok(output) => j.result = Some(output.clone()),
-                Err(_) => {
-                    j.error = Some(last.error());
-                    j.retrying = Some(false);
+            let state = deadline::state(&flow.role.definition.steps, &from.completed, plan);
+            jobs.write_now(from.id, last.job_status(), 1, |j| {
+                match last.reply() {
+                    Ok(output) => j.result = Some(output.clone()),
+                    Err(_) => {
+                        j.error = Some(last.error());
+                        j.retrying = Some(false);
+                    }
                 }
+                j.workflow = Some(state);
             })
             .await;
         }
@@ -550,7 +803,10 @@ fn origin(msg: &Message, flow: &Flow) -> Result<Origin, HandlerError> {
                 input,
             })
         }
-        RoleKind::Step { .. } | RoleKind::Compensation | RoleKind::Join { .. } => {
+        RoleKind::Step { .. }
+        | RoleKind::Compensation
+        | RoleKind::Join { .. }
+        | RoleKind::Supervisor => {
             let slip = Slip::from_headers(msg.headers())?;
             if slip.workflow != flow.role.definition.name {
                 return Err(HandlerError::invalid_input(format!(
