@@ -52,28 +52,6 @@ fn expected_events(i: usize) -> Vec<(&'static str, &'static str)> {
     }
 }
 
-/// Every queue the workflow `name` declares (for the cleanup; `x-expires` catches the rest).
-fn workflow_queues(name: &str, steps: &[&str], compensated: &[&str], dedup: &Dedup) -> Vec<String> {
-    let mut queues = vec![name.to_owned()];
-    queues.extend(
-        steps
-            .iter()
-            .map(|s| cottontail::names::workflow_step(name, s)),
-    );
-    queues.extend(
-        compensated
-            .iter()
-            .map(|s| cottontail::names::workflow_compensation(name, s)),
-    );
-    queues
-        .iter()
-        .flat_map(|q| {
-            let queue = Queue::new(q).dedup(dedup.clone());
-            handler_queues(&queue, &RetryPolicy::default())
-        })
-        .collect()
-}
-
 /// Replies by correlation id: `x-status` and body, in arrival order.
 fn replies_by_caller(inbox: &Inbox) -> BTreeMap<String, Vec<(String, Value)>> {
     let mut by = BTreeMap::<String, Vec<(String, Value)>>::new();

@@ -482,3 +482,30 @@ pub async fn delete_queues_quietly(names: &[String]) {
     };
     let _ = tokio::time::timeout(Duration::from_secs(20), attempt).await;
 }
+
+/// Every queue the workflow `name` declares (for the cleanup; `x-expires` catches the rest).
+pub fn workflow_queues(
+    name: &str,
+    steps: &[&str],
+    compensated: &[&str],
+    dedup: &cottontail::Dedup,
+) -> Vec<String> {
+    let mut queues = vec![name.to_owned()];
+    queues.extend(
+        steps
+            .iter()
+            .map(|s| cottontail::names::workflow_step(name, s)),
+    );
+    queues.extend(
+        compensated
+            .iter()
+            .map(|s| cottontail::names::workflow_compensation(name, s)),
+    );
+    queues
+        .iter()
+        .flat_map(|q| {
+            let queue = cottontail::Queue::new(q).dedup(dedup.clone());
+            handler_queues(&queue, &cottontail::RetryPolicy::default())
+        })
+        .collect()
+}
