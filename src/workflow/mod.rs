@@ -87,7 +87,18 @@
 //!
 //! **Status.** `/jobs/{workflow id}` says `running` from the entry on, then `succeeded` (with
 //! the final output), `compensated` (with the error object), or `dead_lettered` when a
-//! compensation was dead-lettered. Each step message has its own job status too.
+//! compensation was dead-lettered; its `workflow` object says where it stands
+//! (`current_step`, `completed`, `failed_step`, `compensating`, `compensated`,
+//! `compensation_failed`, `outcome`). Each step message has its own job status too.
+//!
+//! **Deadlines.** With [`Workflow::deadline`], each step and compensation message is watched
+//! in the dedup store from before it is sent until its continuation is published. A
+//! supervisor — the schedule `<workflow>.supervise`, so one instance leads it — looks every
+//! 2 s for watches past due whose continuation is not claimed: the stuck message is sent
+//! again (deduplicated; a copy waits out the hung attempt's lease, which is never renewed) up
+//! to the policy's maximum, then (or at once with [`OnDeadline::Compensate`]) the step fails
+//! with kind `deadline_exceeded` and the workflow compensates. A compensation is always sent
+//! again. A step that completes after its workflow was compensated is not undone.
 
 pub(crate) mod deadline;
 mod extract;
