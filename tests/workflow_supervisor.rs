@@ -168,9 +168,11 @@ async fn cleanup(name: &str, dedup: &Dedup) {
 async fn a_step_hung_past_its_deadline_is_redispatched_and_the_workflow_completes() {
     bounded(Duration::from_secs(90), async {
         let name = unique("deadline-redo");
-        // A short lease: the re-sent copy runs once the hung attempt's claim lapses.
+        // A lease past the first re-dispatch (the 2 s deadline plus at most a 2 s tick), so
+        // the copy meets the hung attempt's claim, and short of the test: the copy runs once
+        // it lapses.
         let dedup = Dedup::new(MemoryStore::new(1000))
-            .lease(Duration::from_secs(3))
+            .lease(Duration::from_secs(6))
             .busy_delay(Duration::from_millis(200));
         let shared = Shared::default();
         let policy = OnDeadline::Redispatch { max: 5 };
@@ -206,6 +208,15 @@ async fn a_step_hung_past_its_deadline_is_redispatched_and_the_workflow_complete
         let text = http_get(app.http_addr().unwrap(), "/metrics").await.1;
         assert!(deadlines(&text, &name, "redispatched") >= 1.0, "{text}");
         assert_eq!(deadlines(&text, &name, "compensated"), 0.0);
+        // The re-sent copy met the hung attempt's claim and waited (deferred, no attempt
+        // spent) until its lease lapsed.
+        let step_queue = cottontail::names::workflow_step(&name, "confirm");
+        let deferred = metric_value(
+            &text,
+            "cottontail_deferred_total",
+            &[("handler", step_queue.as_str()), ("reason", "busy")],
+        );
+        assert!(deferred.is_some_and(|n| n >= 1.0), "{deferred:?}");
         assert_eq!(shared.cancels.load(Ordering::SeqCst), 0);
         assert_eq!(finals(&replies).len(), 1, "one final reply");
         app.stop().await.unwrap();
