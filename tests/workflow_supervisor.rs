@@ -2,8 +2,8 @@
 //! workflow's deadline is recovered per policy — re-dispatched (its re-sent copy waits out the
 //! hung attempt's dedup lease, which nothing renews, then runs and the workflow completes
 //! while the first attempt still hangs), compensated at once, or compensated after the
-//! allowed re-dispatches (on Redis) — each with its one final reply, its `/jobs` state and
-//! its deadline metric.
+//! allowed re-dispatches (two instances sharing Redis: once for the fleet) — each with its one
+//! final reply, its `/jobs` state and its deadline metric.
 #![cfg(feature = "redis")]
 use cottontail_test_support as common;
 
@@ -227,7 +227,8 @@ async fn a_step_hung_past_its_deadline_is_redispatched_and_the_workflow_complete
 
 /// A workflow whose `confirm` always hangs ends `compensated` by the supervisor: `reserve`
 /// undone once, the final error naming `confirm` and the exceeded deadline after
-/// `redispatches` re-sends, `/jobs` showing it.
+/// `redispatches` re-sends, `/jobs` showing it. With a Redis store, on two instances: the
+/// supervisor acts once for the fleet.
 async fn hung_step_is_compensated(
     name: &str,
     dedup: &Dedup,
@@ -239,7 +240,11 @@ async fn hung_step_is_compensated(
         always_hang: true,
         ..Shared::default()
     };
-    let app = instance(name, &shared, dedup, policy, redis.clone()).await;
+    let mut fleet = Vec::new();
+    for _ in 0..if redis.is_some() { 2 } else { 1 } {
+        fleet.push(instance(name, &shared, dedup, policy, redis.clone()).await);
+    }
+    let app = &fleet[0];
     let (_conn, replies) = call(name, "w-undo").await;
 
     let (status, body) = wait_final(&replies).await;
@@ -255,7 +260,7 @@ async fn hung_step_is_compensated(
         "{message}"
     );
 
-    let done = wait_job_workflow(&app, "w-undo", "outcome", json!("compensated")).await;
+    let done = wait_job_workflow(app, "w-undo", "outcome", json!("compensated")).await;
     assert_eq!(done["status"], "compensated");
     assert_eq!(done["error"], *error);
     assert_eq!(
@@ -268,16 +273,23 @@ async fn hung_step_is_compensated(
         let stored = store.get("w-undo").await.unwrap().unwrap();
         assert_eq!(stored.workflow, Some(done["workflow"].clone()));
     }
-    let text = http_get(app.http_addr().unwrap(), "/metrics").await.1;
-    assert_eq!(deadlines(&text, name, "compensated"), 1.0, "{text}");
-    assert_eq!(
-        deadlines(&text, name, "redispatched"),
-        f64::from(redispatches)
-    );
+    // Summed over the fleet: the supervisor acted once per deadline.
+    let (mut compensated, mut redispatched) = (0.0, 0.0);
+    for app in &fleet {
+        let text = http_get(app.http_addr().unwrap(), "/metrics").await.1;
+        compensated += deadlines(&text, name, "compensated");
+        redispatched += deadlines(&text, name, "redispatched");
+    }
+    assert_eq!(compensated, 1.0);
+    assert_eq!(redispatched, f64::from(redispatches));
     assert_eq!(shared.cancels.load(Ordering::SeqCst), 1);
     assert_eq!(finals(&replies).len(), 1, "one final reply");
-    assert_eq!(job(&app, "w-undo").await["status"], "compensated");
-    app.stop().await.unwrap();
+    for app in &fleet {
+        assert_eq!(job(app, "w-undo").await["status"], "compensated");
+    }
+    for app in fleet {
+        app.stop().await.unwrap();
+    }
     cleanup(name, dedup).await;
 }
 
@@ -292,7 +304,7 @@ async fn a_step_hung_past_its_deadline_is_compensated_under_the_compensate_polic
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_step_still_hung_after_its_redispatches_is_compensated_on_redis() {
+async fn a_step_still_hung_after_its_redispatches_is_compensated_once_by_a_fleet_on_redis() {
     bounded(Duration::from_secs(90), async {
         let name = unique("deadline-max");
         let store = RedisStore::connect(&redis_url(), &unique("deadline"))
