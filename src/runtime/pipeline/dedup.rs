@@ -92,7 +92,11 @@ impl Worker {
                     .complete(msg.handler(), id, owner, reply, dedup.retention)
                     .await
             }
-            Outcome::Failed(_) => dedup.store.release(msg.handler(), id, owner).await,
+            // Failed (a retry must be able to claim), cancelled, or continued (the next slice
+            // carries the same id).
+            Outcome::Failed(_) | Outcome::Cancelled | Outcome::Continue(_) => {
+                dedup.store.release(msg.handler(), id, owner).await
+            }
         };
         if let Err(error) = result {
             // The handler ran; the lease lapses by itself. Duplicates become possible again
