@@ -182,6 +182,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     pub async fn start(self, config: Config) -> Result<Running, Error> {
         for h in &self.handlers {
             h.queue.validate()?;
+            h.queue.check_consumer_timeout(config.consumer_timeout)?;
         }
         let mut names: Vec<&str> = self.handlers.iter().map(|h| h.queue.name()).collect();
         names.sort_unstable();

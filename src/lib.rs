@@ -110,7 +110,7 @@ pub mod stores;
 pub mod testing;
 
 pub use app::{App, Running};
-pub use config::Config;
+pub use config::{Config, DEFAULT_CONSUMER_TIMEOUT};
 pub use error::{Disposition, Error, HandlerError};
 pub use extract::{
     Attempt, Cancellation, Checkpoint, CorrelationId, FromMessage, FromRef, Json, MessageId,
