@@ -1,5 +1,5 @@
 //! The demo's long jobs (`docs/contracts.md`, "Long jobs"), against two real
-//! `cottontail-demo` processes sharing Redis: `crunch` resumes from its last checkpoint after
+//! `cottontail-demo` processes sharing Redis (and, for the resume, PostgreSQL): `crunch` resumes from its last checkpoint after
 //! the worker running it is `kill -9`ed half-way (at most one step done twice), a running job
 //! cancelled over HTTP on the *other* instance stops within a second, and a queued one
 //! cancelled with `Client::cancel` never runs.
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::Demo;
 use cottontail::client::Client;
 use cottontail::lapin::options::QueuePurgeOptions;
-use cottontail::stores::{CheckpointStore, RedisStore};
+use cottontail::stores::{CheckpointStore, PostgresStore, RedisStore};
 use cottontail_crunch::Done;
 use cottontail_test_support::long_jobs::Caller;
 use cottontail_test_support::{
@@ -59,19 +59,16 @@ async fn wait_status(demo: &Demo, id: &str, status: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crunch_resumes_after_a_kill_and_cancels_across_two_instances_with_redis() {
-    let redis = redis_url();
-    let env = [("REDIS_URL", redis.as_str())];
-    let first = Demo::start_with(1, &env);
-    let second = Demo::start_with(2, &env);
-    let conn = connect("demo-long-jobs").await;
-    let ch = conn.create_channel().await.unwrap();
-    for q in ["crunch", "crunch.dlq"] {
-        let _ = ch.queue_purge(q.into(), QueuePurgeOptions::default()).await;
-    }
-
-    // 1. kill -9 at about half-way: the other instance resumes from the last checkpoint.
+/// Two instances with `env`; the one running a 100-step job is `kill -9`ed after step 50 and
+/// the other resumes from the last checkpoint. Returns the survivor.
+async fn resumes_after_a_kill(
+    env: &[(&str, &str)],
+    slots: (u16, u16),
+    store: &dyn CheckpointStore,
+) -> Demo {
+    let first = Demo::start_with(slots.0, env);
+    let second = Demo::start_with(slots.1, env);
+    let conn = connect("demo-long-jobs-kill").await;
     let job = Caller::send(&conn, "crunch", &json!({"steps": 100, "step_ms": 40})).await;
     let mut demos = vec![first, second];
     let running = runner(&[&demos[0], &demos[1]]).await;
@@ -106,12 +103,29 @@ async fn crunch_resumes_after_a_kill_and_cancels_across_two_instances_with_redis
         "first attempt: {first:?}, resumed from {s0}"
     );
     wait_status(&survivor, &job.message_id, "succeeded").await;
-    let store = RedisStore::connect_default(&redis).await.unwrap();
     assert_eq!(
         store.load("crunch", &job.message_id).await.unwrap(),
         None,
         "the checkpoint went with the job"
     );
+
+    let _ = conn.close(200, "".into()).await;
+    survivor
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crunch_resumes_after_a_kill_and_cancels_across_two_instances() {
+    let redis = redis_url();
+    let env = [("REDIS_URL", redis.as_str())];
+    let conn = connect("demo-long-jobs").await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in ["crunch", "crunch.dlq"] {
+        let _ = ch.queue_purge(q.into(), QueuePurgeOptions::default()).await;
+    }
+
+    // 1. kill -9 at about half-way: the other instance resumes from the last checkpoint.
+    let store = RedisStore::connect_default(&redis).await.unwrap();
+    let survivor = resumes_after_a_kill(&env, (1, 2), &store).await;
 
     // A fresh second instance in place of the killed one.
     let other = Demo::start_with(3, &env);
@@ -170,4 +184,12 @@ async fn crunch_resumes_after_a_kill_and_cancels_across_two_instances_with_redis
 
     survivor.stop();
     other.stop();
+
+    // 4. The same resume with the PostgreSQL store.
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let store = PostgresStore::connect(&url).await.unwrap();
+    resumes_after_a_kill(&[("DATABASE_URL", url.as_str())], (4, 5), &store)
+        .await
+        .stop();
 }
