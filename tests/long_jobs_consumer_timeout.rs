@@ -84,6 +84,7 @@ async fn sliced(State(runs): State<Runs>, Json(done): Json<u32>) -> Outcome {
 
 #[tokio::test]
 async fn a_channel_closed_for_an_ack_timeout_is_reopened_and_other_work_finishes_once() {
+    let logs = common::logs::logs();
     let node = PrivateNode::start("ctimeout", None);
     // 2 s instead of 30 min, checked every 250 ms instead of every minute (read by each new
     // channel).
@@ -165,6 +166,12 @@ async fn a_channel_closed_for_an_ack_timeout_is_reopened_and_other_work_finishes
         metric_value(&text, "cottontail_connection_recoveries_total", &[]).unwrap_or(0.0),
         0.0,
         "the connection was never restarted"
+    );
+    let text = logs.text();
+    assert!(
+        text.contains("went unacknowledged past its consumer_timeout")
+            && text.contains("delivery acknowledgement on channel"),
+        "the ack timeout is logged as such"
     );
     for q in [&hold_q, &steady_q, &sliced_q] {
         let counts = queue_counts(&conn, q).await;

@@ -6,6 +6,7 @@
 
 pub mod dedup;
 pub mod features;
+pub mod logs;
 pub mod long_jobs;
 pub mod ordering;
 pub mod priority;
