@@ -227,7 +227,11 @@ impl ConsumeLoop {
                         running.push(run_one(self.sources[source].worker.clone(), (source, generation), delivery));
                     }
                     (source, Some(Err(error))) if error.is_amqp_soft_error() => {
-                        // The broker closed this channel only; the connection is fine.
+                        // The broker closed this channel only; the connection is fine. A loop
+                        // whose runs are all busy hears of it when one ends, and only then
+                        // consumes again: a new channel would be handed the requeued delivery at
+                        // once, and with no free run it would wait past the broker's timeout in
+                        // the prefetch buffer and close the new channel too.
                         let error_text = crate::connection::redact(&error.to_string());
                         if is_ack_timeout(&error) {
                             tracing::warn!(%handler, error = %error_text,
