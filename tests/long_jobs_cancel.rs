@@ -12,7 +12,7 @@ use common::dedup::outcome;
 use common::long_jobs::{steps, Caller, StepLog};
 use common::*;
 use cottontail::client::Client;
-use cottontail::stores::{JobStore, MemoryJobs};
+use cottontail::stores::{CheckpointStore, JobStore, MemoryJobs, RedisStore, CANCELLED_SCOPE};
 use cottontail::{App, Queue, Running};
 use serde_json::json;
 
@@ -178,4 +178,64 @@ async fn a_queued_job_cancelled_over_http_never_runs() {
     assert_eq!(fleet.cancelled(), 3.0);
     assert_eq!(queue_depth(&conn, &format!("{}.dlq", fleet.queue)).await, 0);
     fleet.stop().await;
+}
+
+#[tokio::test]
+async fn an_instance_started_after_the_cancel_skips_the_job_through_the_shared_store() {
+    let store = RedisStore::connect(&redis_url(), &unique("cancel-store"))
+        .await
+        .expect("Redis at REDIS_URL");
+    let queue = unique("cancel-later");
+    let log = StepLog::default();
+    let instance = |name: &str| {
+        let app = App::new(log.clone())
+            .checkpoint_store(Arc::new(store.clone()))
+            .handler(
+                Queue::new(&queue)
+                    .concurrency(1)
+                    .prefetch(1)
+                    .expires(EXPIRES),
+                steps,
+            );
+        let metrics = app.metrics().clone();
+        let config = config(&unique(name)).shutdown_timeout(Duration::from_millis(200));
+        async move { (start_with(app, config).await, metrics) }
+    };
+    let (first, first_metrics) = instance("cancel-later-a").await;
+    let conn = connect("cancel-later-test").await;
+    // The first instance is busy; the job to cancel waits behind it.
+    let busy = Caller::send(&conn, &queue, &json!({"steps": 20, "step_ms": 50})).await;
+    busy.wait_step(1, LIMIT).await;
+    let queued = Caller::send(&conn, &queue, &json!({"steps": 3, "step_ms": 1})).await;
+    let client = Client::connect(&amqp_url(), "cancel-later-client")
+        .await
+        .unwrap();
+    client.cancel(&queued.message_id).await.unwrap();
+    let id = queued.message_id.clone();
+    wait_until(LIMIT, "the cancel in the store", || {
+        let (store, id) = (store.clone(), id.clone());
+        async move { store.load(CANCELLED_SCOPE, &id).await.unwrap().is_some() }
+    })
+    .await;
+    // Gone before the job was delivered: the cancel is known only to the store now.
+    first.stop().await.unwrap();
+    assert_eq!(
+        outcome(&first_metrics, &queue, "cancelled"),
+        0.0,
+        "not delivered there"
+    );
+    let (second, second_metrics) = instance("cancel-later-b").await;
+    let (status, body) = queued.final_reply(LIMIT).await;
+    assert_eq!(status, "error");
+    assert_eq!(body["error"]["kind"], "cancelled", "{body}");
+    assert!(log.steps(&queued.message_id).is_empty(), "never ran");
+    assert_eq!(outcome(&second_metrics, &queue, "cancelled"), 1.0);
+    assert_eq!(
+        busy.final_reply(LIMIT).await.0,
+        "ok",
+        "the other job was not touched"
+    );
+    client.close().await;
+    second.stop().await.unwrap();
+    delete_queues(&[queue.clone(), format!("{queue}.dlq")]).await;
 }
