@@ -23,7 +23,12 @@ use crate::schedule::Schedule;
 use crate::stores::{
     CheckpointStore, JobStore, MemoryCheckpoints, MemoryJobs, DEFAULT_CHECKPOINT_TTL,
 };
+use crate::workflow::Workflow;
 use crate::Error;
+
+/// How often a workflow's supervisor looks for steps past their deadline (a cron pattern
+/// with seconds).
+const SUPERVISE_EVERY: &str = "*/2 * * * * *";
 
 /// A set of handlers with their state, ready to run against a broker.
 ///
@@ -60,6 +65,8 @@ pub struct App<S> {
     instrumented: bool,
     checkpoints: Arc<dyn CheckpointStore>,
     checkpoint_ttl: Duration,
+    /// Registration mistakes, reported by `start` (builders cannot fail).
+    errors: Vec<String>,
 }
 
 impl<S: Clone + Send + Sync + 'static> App<S> {
@@ -76,6 +83,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             instrumented: true,
             checkpoints: Arc::new(MemoryCheckpoints::default()),
             checkpoint_ttl: DEFAULT_CHECKPOINT_TTL,
+            errors: Vec::new(),
         }
     }
 
@@ -113,7 +121,36 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         self.handlers.push(Registered {
             queue: Arc::new(queue),
             service,
+            workflow: None,
         });
+        self
+    }
+
+    /// Registers `workflow`: its entry queue, and a queue per step and compensation (see
+    /// [`workflow`](crate::workflow)).
+    pub fn workflow(mut self, workflow: Workflow<S>) -> Self {
+        match workflow.into_handlers(&self.state) {
+            Ok(handlers) => {
+                for (queue, service, role) in handlers {
+                    if role.kind == crate::workflow::RoleKind::Supervisor {
+                        // The supervisor is a singleton the way schedules are: its ticks come
+                        // from the one instance leading its schedule.
+                        match Schedule::new(queue.name(), SUPERVISE_EVERY) {
+                            Ok(schedule) => self
+                                .schedules
+                                .push((Arc::new(schedule), queue.name().to_owned())),
+                            Err(error) => self.errors.push(error.to_string()),
+                        }
+                    }
+                    self.handlers.push(Registered {
+                        queue: Arc::new(queue),
+                        service,
+                        workflow: Some(role),
+                    });
+                }
+            }
+            Err(error) => self.errors.push(error),
+        }
         self
     }
 
@@ -180,9 +217,18 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
 
     /// Starts the app in the background (binding HTTP first, so a taken port fails here).
     pub async fn start(self, config: Config) -> Result<Running, Error> {
+        if let Some(error) = self.errors.first() {
+            return Err(Error::Config(error.clone()));
+        }
         for h in &self.handlers {
             h.queue.validate()?;
             h.queue.check_consumer_timeout(config.consumer_timeout)?;
+            if h.workflow.is_some() && (h.queue.ordering.is_some() || h.queue.bands.is_some()) {
+                return Err(Error::Config(format!(
+                    "workflow queue '{}': ordering and priority bands do not apply to workflows",
+                    h.queue.name()
+                )));
+            }
         }
         let mut names: Vec<&str> = self.handlers.iter().map(|h| h.queue.name()).collect();
         names.sort_unstable();
@@ -228,6 +274,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                     .iter()
                     .fold(h.service, |service, layer| layer(service)),
                 queue: h.queue,
+                workflow: h.workflow,
             })
             .collect();
         let plan = Plan {

@@ -34,7 +34,8 @@ use crate::message::Message;
     label = "not an extractor",
     note = "handler arguments are extractors: `Json<T>` for the body (`Json<String>` for a JSON \
             string), `State<T>`, `Message`, `Attempt`, `MessageId`, `CorrelationId`, `Priority`, \
-            `Sequence`, `Progress`, `Outbox`, `TraceContext`, or your own `impl FromMessage<S>`"
+            `Sequence`, `Progress`, `Outbox`, `TraceContext`; in workflow steps also \
+            `workflow::{Input, Context, Recorded}`; or your own `impl FromMessage<S>`"
 )]
 pub trait FromMessage<S>: Sized {
     /// Extracts the value, or says why the message does not fit this handler.
@@ -227,6 +228,29 @@ pub struct Outbox {
 impl Outbox {
     /// Publishes `body` (JSON) to `queue` through the default exchange, persistent, confirmed.
     pub async fn send_json<T: Serialize>(&self, queue: &str, body: &T) -> Result<(), HandlerError> {
+        self.send(queue, body, lapin::BasicProperties::default())
+            .await
+    }
+
+    /// [`send_json`](Self::send_json) with a `message_id`: a deterministic one (derived from
+    /// what is announced, e.g. `<workflow id>:<step>:<action>`) lets consumers drop the copies
+    /// a redelivered handler can publish again.
+    pub async fn send_json_as<T: Serialize>(
+        &self,
+        queue: &str,
+        message_id: &str,
+        body: &T,
+    ) -> Result<(), HandlerError> {
+        let properties = lapin::BasicProperties::default().with_message_id(message_id.into());
+        self.send(queue, body, properties).await
+    }
+
+    async fn send<T: Serialize>(
+        &self,
+        queue: &str,
+        body: &T,
+        properties: lapin::BasicProperties,
+    ) -> Result<(), HandlerError> {
         let bytes = serde_json::to_vec(body)?;
         let mut table = lapin::types::FieldTable::default();
         headers::set_string(
@@ -235,11 +259,7 @@ impl Outbox {
             self.trace.child().to_string(),
         );
         self.publisher
-            .publish_json(
-                queue,
-                &bytes,
-                lapin::BasicProperties::default().with_headers(table),
-            )
+            .publish_json(queue, &bytes, properties.with_headers(table))
             .await
             .map_err(|e| HandlerError::transient("publish", e.to_string()))
     }

@@ -40,6 +40,37 @@ pub const CONTINUATION: &str = "x-continuation";
 /// it is dead-lettered the same way.
 pub const INVALID_UTF8: &str = "x-invalid-utf8";
 
+/// Workflow messages: the workflow's name.
+pub const WORKFLOW: &str = "x-workflow";
+/// Workflow messages: the workflow id (the entry message's `message_id`).
+pub const WORKFLOW_ID: &str = "x-workflow-id";
+/// Workflow messages: the step this message runs, or whose compensation it runs.
+pub const WORKFLOW_STEP: &str = "x-workflow-step";
+/// Workflow messages: the steps still to run after this one, in order (the itinerary).
+pub const WORKFLOW_ITINERARY: &str = "x-workflow-itinerary";
+/// Workflow messages: completed steps with a compensation, most recent first (the
+/// compensation log); on a compensation message, those still to undo after this one.
+pub const WORKFLOW_COMPENSATIONS: &str = "x-workflow-compensations";
+/// Compensation messages: the steps undone so far, in the order they were undone.
+pub const WORKFLOW_COMPENSATED: &str = "x-workflow-compensated";
+/// Compensation messages: the steps whose compensation was dead-lettered.
+pub const WORKFLOW_COMPENSATION_FAILED: &str = "x-workflow-compensation-failed";
+/// Compensation messages: the step that failed.
+pub const WORKFLOW_FAILED_STEP: &str = "x-workflow-failed-step";
+/// Compensation messages: when a fan-out step failed, the index of its first failed child.
+pub const WORKFLOW_FAILED_INDEX: &str = "x-workflow-failed-index";
+/// Compensation messages: the failed step's error kind.
+pub const WORKFLOW_ERROR_KIND: &str = "x-workflow-error-kind";
+/// Compensation messages: the failed step's error message.
+pub const WORKFLOW_ERROR: &str = "x-workflow-error";
+/// Workflow messages: the original caller's `reply_to` (step messages have none of their
+/// own, so that the pipeline never replies to the caller on a step's behalf).
+pub const WORKFLOW_REPLY_TO: &str = "x-workflow-reply-to";
+/// Workflow messages: the original caller's `correlation_id`.
+pub const WORKFLOW_CORRELATION_ID: &str = "x-workflow-correlation-id";
+/// Workflow messages: when the workflow started (ms since the epoch).
+pub const WORKFLOW_STARTED: &str = "x-workflow-started";
+
 /// Reads a header as a non-negative integer, whatever integer type or numeric string the
 /// publisher used.
 pub fn get_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
@@ -107,6 +138,34 @@ pub fn set_int(table: &mut FieldTable, name: &str, value: u64) {
     table.insert(ShortString::from(name), AMQPValue::LongLongInt(value));
 }
 
+/// Reads a header holding a list of strings (an AMQP array); `None` when absent or when an
+/// element is not a string.
+pub fn get_strings(headers: Option<&FieldTable>, name: &str) -> Option<Vec<String>> {
+    match headers?.inner().get(name)? {
+        AMQPValue::FieldArray(items) => items
+            .as_slice()
+            .iter()
+            .map(|item| match item {
+                AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+                AMQPValue::LongString(s) => {
+                    std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned)
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// Sets a header holding a list of strings (an AMQP array of long strings).
+pub fn set_strings(table: &mut FieldTable, name: &str, values: &[String]) {
+    let items: Vec<AMQPValue> = values
+        .iter()
+        .map(|v| AMQPValue::LongString(LongString::from(v.as_str())))
+        .collect();
+    table.insert(ShortString::from(name), AMQPValue::FieldArray(items.into()));
+}
+
 /// A copy of `table` without the named headers.
 pub fn without(table: Option<&FieldTable>, names: &[&str]) -> FieldTable {
     let mut out = FieldTable::default();
@@ -152,5 +211,24 @@ mod tests {
         assert_eq!(get_string(Some(&t), "s").as_deref(), Some("hello"));
         assert_eq!(get_string(Some(&t), "n").as_deref(), Some("42"));
         assert_eq!(get_string(Some(&t), "bad"), None);
+    }
+
+    #[test]
+    fn string_lists_round_trip_and_reject_other_types() {
+        let mut t = FieldTable::default();
+        set_strings(&mut t, "l", &["a".to_owned(), "b".to_owned()]);
+        set_strings(&mut t, "empty", &[]);
+        t.insert("n".into(), AMQPValue::LongLongInt(1));
+        t.insert(
+            "mixed".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::LongLongInt(1)].into()),
+        );
+        assert_eq!(
+            get_strings(Some(&t), "l"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(get_strings(Some(&t), "empty"), Some(vec![]));
+        assert_eq!(get_strings(Some(&t), "n"), None);
+        assert_eq!(get_strings(Some(&t), "mixed"), None);
     }
 }

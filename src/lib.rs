@@ -75,6 +75,7 @@
 //! | the message a handler sees | `message.rs` ([`Message`]) |
 //! | per-handler settings | `queue/` ([`Queue`], [`RetryPolicy`], [`Bands`], [`Ordering`], [`Dedup`]) |
 //! | schedules | `schedule.rs` ([`Schedule`], [`Tick`]) |
+//! | workflows: routing slips with compensation, fan-out/fan-in | [`workflow`] ([`Workflow`]; the slip and its plans are pure functions) |
 //! | broker names of every queue and exchange | [`names`] |
 //! | header names of the message contract | [`headers`] |
 //! | dedup, job-status, sequence and checkpoint stores | [`stores`] (memory, Redis, PostgreSQL) |
@@ -82,7 +83,7 @@
 //! | producers: publish, RPC calls, replies | [`client`] |
 //! | connecting (URLs, TLS, the frame guard) | [`connection`] |
 //! | HTTP, health, metrics, status page, trace context | [`ops`] |
-//! | how it runs (crate-private) | `runtime/`: `supervisor` → `session` → `consume` loops → `pipeline/` (`guards` → `dedup` → `run` → `actions`) → `acker`; `copies` (retry, DLQ, park), `topology`, `job_writer`, `scheduler/`, `ordered/` (`balance`, `partition`, `resequencer`) |
+//! | how it runs (crate-private) | `runtime/`: `supervisor` → `session` → `consume` loops → `pipeline/` (`guards` → `dedup` → `run` → `actions`; `workflow` continues a workflow) → `acker`; `copies` (retry, DLQ, park), `topology`, `job_writer`, `scheduler/`, `ordered/` (`balance`, `partition`, `resequencer`) |
 //!
 //! The external contracts (headers, replies, DLQ headers, queue names, HTTP, CLI) are in
 //! `docs/contracts.md`.
@@ -108,6 +109,7 @@ mod runtime;
 mod schedule;
 pub mod stores;
 pub mod testing;
+pub mod workflow;
 
 pub use app::{App, Running};
 pub use config::{Config, DEFAULT_CONSUMER_TIMEOUT};
@@ -124,6 +126,7 @@ pub use queue::{
     Bands, Dedup, GapPolicy, Ordering, Queue, QueueType, RetryPolicy, DEFAULT_HANDLER_TIMEOUT,
 };
 pub use schedule::{Missed, Schedule, Tick};
+pub use workflow::Workflow;
 
 /// A boxed, sendable future: what handlers, middleware and store methods return.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;

@@ -66,6 +66,75 @@ pub fn schedule_state_queue(schedule: &str) -> String {
     format!("cottontail.schedule.{schedule}.state")
 }
 
+/// `W.<step>`: the queue of step `step` of workflow `workflow` (the workflow's own name is its
+/// entry queue).
+pub fn workflow_step(workflow: &str, step: &str) -> String {
+    format!("{workflow}.{step}")
+}
+
+/// `W.<step>.compensate`: the queue of the compensation of step `step` of `workflow`.
+pub fn workflow_compensation(workflow: &str, step: &str) -> String {
+    format!("{workflow}.{step}.compensate")
+}
+
+/// `<id>:<step>`: the `message_id` of workflow `id`'s step message, so each step is
+/// deduplicated (and has a job status) by workflow id and step. `:` rather than `/`, so the
+/// id stays one path segment of `/jobs/{message_id}`.
+pub fn workflow_step_id(id: &str, step: &str) -> String {
+    format!("{id}:{step}")
+}
+
+/// `<id>:<step>:compensate`: the `message_id` of the compensation of workflow `id`'s step.
+pub fn workflow_compensation_id(id: &str, step: &str) -> String {
+    format!("{id}:{step}:compensate")
+}
+
+/// `W.<step>.join`: where the child jobs of fan-out step `step` reply; its consumer joins
+/// them.
+pub fn workflow_join(workflow: &str, step: &str) -> String {
+    format!("{workflow}.{step}.join")
+}
+
+/// `<id>:<step>:<i>`: the `message_id` of child `i` of workflow `id`'s fan-out step.
+pub fn workflow_child_id(id: &str, step: &str, i: usize) -> String {
+    format!("{id}:{step}:{i}")
+}
+
+/// `<id>:<step>:<i>/<n>`: the `correlation_id` of child `i` of `n`, which its reply carries
+/// back to the join (everything the join needs to place it; parsed by
+/// `workflow::plan::parse_child`).
+pub fn workflow_child_correlation(id: &str, step: &str, i: usize, n: usize) -> String {
+    format!("{id}:{step}:{i}/{n}")
+}
+
+/// `<id>:<step>#joined`: the dedup key recording that a fan-out step's join continued the
+/// workflow (whichever child reply completed it, on whichever instance).
+pub fn workflow_joined(join_id: &str) -> String {
+    format!("{join_id}#joined")
+}
+
+/// `<id>#final`: the `message_id` of workflow `id`'s final reply, the same on every copy a
+/// redelivery can send, so a caller can drop repeats.
+pub fn workflow_final(id: &str) -> String {
+    format!("{id}#final")
+}
+
+/// `<message_id>#continued`: the dedup key recording that a workflow message's continuation
+/// (the next step, the compensations or the final reply) was published.
+pub fn workflow_continued(message_id: &str) -> String {
+    format!("{message_id}#continued")
+}
+
+/// `W.supervise`: the queue of workflow `workflow`'s supervisor ticks; also the name of the
+/// schedule that fires them (whose leader queue makes the supervisor a singleton).
+pub fn workflow_supervisor(workflow: &str) -> String {
+    format!("{workflow}.supervise")
+}
+
+/// Step names that would collide with the queues cottontail declares around the entry queue.
+pub const RESERVED_STEP_NAMES: &[&str] =
+    &["dlq", "retry", "band", "partition", "members", "supervise"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +171,16 @@ mod tests {
             schedule_state_queue("nightly"),
             "cottontail.schedule.nightly.state"
         );
+        assert_eq!(workflow_step("bookings", "hotel"), "bookings.hotel");
+        assert_eq!(
+            workflow_compensation("bookings", "hotel"),
+            "bookings.hotel.compensate"
+        );
+        assert_eq!(workflow_step_id("b-1", "hotel"), "b-1:hotel");
+        assert_eq!(
+            workflow_compensation_id("b-1", "hotel"),
+            "b-1:hotel:compensate"
+        );
+        assert_eq!(workflow_continued("b-1:hotel"), "b-1:hotel#continued");
     }
 }

@@ -131,3 +131,13 @@ async fn job_batches_keep_each_jobs_first_creation_time() {
     let store = Arc::new(cottontail::stores::MemoryJobs::default());
     dedup::job_batches_keep_the_first_creation_time(store, "batch").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_completes_once_whatever_the_duplicates() {
+    dedup::join_completes_once(Arc::new(MemoryStore::new(1000))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_come_due_in_order() {
+    dedup::watches_come_due_in_order(Arc::new(MemoryStore::new(1000))).await;
+}

@@ -662,8 +662,8 @@ async fn the_migration_is_idempotent_and_safe_to_run_concurrently() {
         .await
         .unwrap()
         .get(0);
-    // dedup, jobs, sequences, stamps, checkpoints.
-    assert_eq!(tables, 5);
+    // dedup, jobs, sequences, stamps, joins, watches, checkpoints.
+    assert_eq!(tables, 7);
     // Again, now that everything exists; and the store works there.
     stores[0].migrate().await.unwrap();
     let h = unique("pg-schema");
@@ -712,4 +712,14 @@ async fn connecting_to_no_database_is_an_error() {
     assert!(PostgresStore::connect(&url).await.is_err());
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(PostgresStore::connect("not a url").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_completes_once_whatever_the_duplicates() {
+    dedup::join_completes_once(std::sync::Arc::new(store().await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_come_due_in_order() {
+    dedup::watches_come_due_in_order(std::sync::Arc::new(store().await)).await;
 }

@@ -619,3 +619,17 @@ async fn connecting_to_no_redis_is_an_error() {
     assert!(result.is_err());
     assert!(RedisStore::connect("not a url", "x").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_completes_once_whatever_the_duplicates() {
+    let store = store().await;
+    dedup::join_completes_once(Arc::new(store.clone())).await;
+    cleanup(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_come_due_in_order() {
+    let store = store().await;
+    dedup::watches_come_due_in_order(Arc::new(store.clone())).await;
+    cleanup(&store).await;
+}

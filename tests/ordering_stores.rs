@@ -456,8 +456,10 @@ async fn a_database_migrated_by_the_previous_version_gets_the_sequence_tables() 
                 "cottontail_checkpoints",
                 "cottontail_dedup",
                 "cottontail_jobs",
+                "cottontail_joins",
                 "cottontail_sequences",
-                "cottontail_stamps"
+                "cottontail_stamps",
+                "cottontail_watches"
             ],
             "the missing tables were noticed and created"
         );

@@ -62,6 +62,29 @@ pub async fn send(
     body: Vec<u8>,
     trace: Option<TraceContext>,
 ) -> Result<(), PublishError> {
+    send_as(
+        publisher,
+        reply_to,
+        correlation_id,
+        None,
+        status,
+        body,
+        trace,
+    )
+    .await
+}
+
+/// [`send`] with a `message_id` on the reply: a deterministic one lets a caller drop the
+/// copies a redelivery can repeat (e.g. a workflow's final reply, `<workflow id>#final`).
+pub async fn send_as(
+    publisher: &Publisher,
+    reply_to: &str,
+    correlation_id: Option<&str>,
+    message_id: Option<&str>,
+    status: Status,
+    body: Vec<u8>,
+    trace: Option<TraceContext>,
+) -> Result<(), PublishError> {
     let mut table = FieldTable::default();
     headers::set_string(&mut table, headers::STATUS, status.as_str());
     if let Some(trace) = trace {
@@ -72,6 +95,9 @@ pub async fn send(
         .with_headers(table);
     if let Some(id) = correlation_id {
         properties = properties.with_correlation_id(id.into());
+    }
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
     }
     publisher
         .publish("", reply_to, &body, properties, false)

@@ -30,6 +30,13 @@ pub struct Metrics {
     ordering_skipped: IntCounterVec,
     ordering_partitions: IntGaugeVec,
     job_status_dropped: IntCounterVec,
+    workflows_started: IntCounterVec,
+    workflows_completed: IntCounterVec,
+    workflows_compensated: IntCounterVec,
+    workflows_failed: IntCounterVec,
+    workflow_deadlines: IntCounterVec,
+    compensation_failures: IntCounterVec,
+    step_duration: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -197,6 +204,49 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric definition");
+        let workflow_counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["workflow"])
+                .expect("static metric definition")
+        };
+        let workflows_started =
+            workflow_counter("cottontail_workflows_started_total", "Workflows started");
+        let workflows_completed = workflow_counter(
+            "cottontail_workflows_completed_total",
+            "Workflows whose every step completed (final ok reply)",
+        );
+        let workflows_compensated = workflow_counter(
+            "cottontail_workflows_compensated_total",
+            "Workflows that failed at a step and were compensated (final error reply)",
+        );
+        let workflows_failed = workflow_counter(
+            "cottontail_workflows_failed_total",
+            "Workflows without compensations that failed at a step (final error reply)",
+        );
+        let workflow_deadlines = IntCounterVec::new(
+            Opts::new(
+                "cottontail_workflow_deadlines_total",
+                "Workflow steps past their deadline, by what the supervisor did (redispatched, compensated)",
+            ),
+            &["workflow", "action"],
+        )
+        .expect("static metric definition");
+        let compensation_failures = IntCounterVec::new(
+            Opts::new(
+                "cottontail_workflow_compensation_failures_total",
+                "Compensations dead-lettered (compensation_failed): something is left to undo by hand",
+            ),
+            &["workflow", "step"],
+        )
+        .expect("static metric definition");
+        let step_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "cottontail_workflow_step_duration_seconds",
+                "Time of a workflow step's successful run (its handler, immediate retries included)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["workflow", "step"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(messages.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -218,6 +268,13 @@ impl Metrics {
             Box::new(ordering_skipped.clone()),
             Box::new(ordering_partitions.clone()),
             Box::new(job_status_dropped.clone()),
+            Box::new(workflows_started.clone()),
+            Box::new(workflows_completed.clone()),
+            Box::new(workflows_compensated.clone()),
+            Box::new(workflows_failed.clone()),
+            Box::new(workflow_deadlines.clone()),
+            Box::new(compensation_failures.clone()),
+            Box::new(step_duration.clone()),
         ] {
             // Registering twice in one registry is the only failure; ignore it so two apps
             // can share a registry.
@@ -245,6 +302,35 @@ impl Metrics {
             ordering_skipped,
             ordering_partitions,
             job_status_dropped,
+            workflows_started,
+            workflows_completed,
+            workflows_compensated,
+            workflows_failed,
+            workflow_deadlines,
+            compensation_failures,
+            step_duration,
+        }
+    }
+
+    /// One queue of a workflow's handles (`step` is `None` for the entry queue).
+    pub(crate) fn workflow(&self, workflow: &str, step: Option<&str>) -> WorkflowMetrics {
+        WorkflowMetrics {
+            started: self.workflows_started.with_label_values(&[workflow]),
+            completed: self.workflows_completed.with_label_values(&[workflow]),
+            compensated: self.workflows_compensated.with_label_values(&[workflow]),
+            failed: self.workflows_failed.with_label_values(&[workflow]),
+            redispatched: self
+                .workflow_deadlines
+                .with_label_values(&[workflow, "redispatched"]),
+            deadline_compensated: self
+                .workflow_deadlines
+                .with_label_values(&[workflow, "compensated"]),
+            step: step.map(|step| StepMetrics {
+                compensation_failures: self
+                    .compensation_failures
+                    .with_label_values(&[workflow, step]),
+                duration: self.step_duration.with_label_values(&[workflow, step]),
+            }),
         }
     }
 
@@ -368,6 +454,30 @@ impl HandlerMetrics {
             .with_label_values(&[&self.handler, &self.queue, kind])
             .inc();
     }
+}
+
+/// One workflow queue's handles.
+#[derive(Clone)]
+pub(crate) struct WorkflowMetrics {
+    pub started: IntCounter,
+    pub completed: IntCounter,
+    pub compensated: IntCounter,
+    pub failed: IntCounter,
+    /// Steps past their deadline sent again by the supervisor.
+    pub redispatched: IntCounter,
+    /// Steps past their deadline the supervisor failed (the workflow compensated).
+    pub deadline_compensated: IntCounter,
+    /// A step's or compensation's own series (none for the entry queue).
+    pub step: Option<StepMetrics>,
+}
+
+/// One workflow step's handles.
+#[derive(Clone)]
+pub(crate) struct StepMetrics {
+    /// Its compensation was dead-lettered.
+    pub compensation_failures: IntCounter,
+    /// Its successful runs.
+    pub duration: Histogram,
 }
 
 /// One schedule's handles.

@@ -39,6 +39,9 @@ pub(crate) const WRITE_BATCH: usize = 500;
 /// The least time between two warnings about statuses not recorded.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// The longest a [`JobRecorder::write_now`] waits for the store.
+pub(crate) const WRITE_NOW: Duration = Duration::from_secs(1);
+
 /// The longest wait before a failed store is tried again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
@@ -333,6 +336,40 @@ impl JobRecorder {
         attempts: u32,
         detail: impl FnOnce(&mut JobStatus),
     ) {
+        self.jobs
+            .record(self.status(message_id, status, attempts, detail));
+    }
+
+    /// Writes the transition at once, waiting at most [`WRITE_NOW`], and hands it to the
+    /// buffer only when that fails. For a workflow's statuses: its end must outlive this
+    /// process being killed right after (no redelivery records it again), and its `running`
+    /// must be stored before its first step is sent, never left in a buffer that could write
+    /// it after another instance stored the end.
+    pub(crate) async fn write_now(
+        &self,
+        message_id: &str,
+        status: &str,
+        attempts: u32,
+        detail: impl FnOnce(&mut JobStatus),
+    ) {
+        let job = self.status(message_id, status, attempts, detail);
+        let write = self.jobs.store.clone().put_many(vec![job.clone()]);
+        if !matches!(tokio::time::timeout(WRITE_NOW, write).await, Ok(Ok(()))) {
+            tracing::debug!(
+                message_id,
+                "status not written at once; it waits in the buffer"
+            );
+            self.jobs.record(job);
+        }
+    }
+
+    fn status(
+        &self,
+        message_id: &str,
+        status: &str,
+        attempts: u32,
+        detail: impl FnOnce(&mut JobStatus),
+    ) -> JobStatus {
         let now = now();
         let mut job = JobStatus {
             status: status.to_owned(),
@@ -344,7 +381,7 @@ impl JobRecorder {
             ..JobStatus::default()
         };
         detail(&mut job);
-        self.jobs.record(job);
+        job
     }
 }
 

@@ -21,7 +21,7 @@ use crate::queue::Queue;
 use crate::runtime::consume::{ConsumeLoop, Source};
 use crate::runtime::job_writer::{JobRecorder, Jobs};
 use crate::runtime::ordered;
-use crate::runtime::pipeline::{Route, Worker};
+use crate::runtime::pipeline::{Flow, Route, Worker};
 use crate::runtime::scheduler;
 use crate::runtime::topology;
 use crate::schedule::Schedule;
@@ -31,6 +31,8 @@ use crate::Error;
 pub(crate) struct Registered {
     pub(crate) queue: Arc<Queue>,
     pub(crate) service: BoxedHandler,
+    /// Set on the queues of a workflow: which part of it.
+    pub(crate) workflow: Option<Arc<crate::workflow::Role>>,
 }
 
 /// What every session of an app is built from.
@@ -115,6 +117,22 @@ impl Session {
                     .queue
                     .track_jobs
                     .then(|| JobRecorder::new(sup.jobs.clone(), h.queue.handler()));
+                let workflow = h.workflow.as_ref().map(|role| {
+                    let name = &role.definition.name;
+                    let own = !matches!(
+                        role.kind,
+                        crate::workflow::RoleKind::Entry | crate::workflow::RoleKind::Supervisor
+                    );
+                    let step = own
+                        .then(|| h.queue.name().strip_prefix(&format!("{name}.")))
+                        .flatten()
+                        .map(|s| s.trim_end_matches(".compensate").trim_end_matches(".join"));
+                    Flow {
+                        role: role.clone(),
+                        metrics: sup.metrics.workflow(name, step),
+                        jobs: Some(JobRecorder::new(sup.jobs.clone(), name)),
+                    }
+                });
                 move || Worker {
                     queue: h_queue.clone(),
                     service: h_service.clone(),
@@ -127,6 +145,7 @@ impl Session {
                     jobs: jobs.clone(),
                     route: None,
                     instrumented,
+                    workflow: workflow.clone(),
                 }
             };
             let consumer_tag = |n: usize| {

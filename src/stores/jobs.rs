@@ -2,7 +2,8 @@
 //! (`GET /jobs/{message_id}`).
 //!
 //! Statuses: `queued` (a retry waits in the broker), `running`, `succeeded`, `failed` (an
-//! attempt failed; `retrying` says whether another follows), `dead_lettered`.
+//! attempt failed; `retrying` says whether another follows), `dead_lettered`; a workflow's
+//! (under its id) also `compensated` (see [`workflow`](crate::workflow)).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +16,8 @@ use crate::BoxFuture;
 /// The status document served at `/jobs/{message_id}`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct JobStatus {
-    /// `queued` | `running` | `succeeded` | `failed` | `dead_lettered` | `cancelled`.
+    /// `queued` | `running` | `succeeded` | `failed` | `dead_lettered` | `cancelled` |
+    /// `compensated`.
     pub status: String,
     /// The message id.
     pub message_id: String,
@@ -36,6 +38,11 @@ pub struct JobStatus {
     /// Whether another attempt is scheduled (for `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retrying: Option<bool>,
+    /// A workflow's own status (under its id): where it stands — `current_step`,
+    /// `completed`, `compensating`, `compensated`, `failed_step`, `outcome` (see
+    /// [`workflow`](crate::workflow)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<serde_json::Value>,
 }
 
 /// Where job statuses live. The in-memory store is the default; shared stores let any
@@ -79,6 +86,7 @@ impl JobStatus {
             + self.handler.len()
             + self.result.as_ref().map_or(0, json_bytes)
             + self.error.as_ref().map_or(0, json_bytes)
+            + self.workflow.as_ref().map_or(0, json_bytes)
     }
 }
 

@@ -34,7 +34,7 @@ pub mod redis;
 mod sequences;
 
 pub use checkpoints::{CheckpointStore, CANCELLED_SCOPE, DEFAULT_CHECKPOINT_TTL};
-pub use dedup::{Claim, DedupStore};
+pub use dedup::{Claim, DedupStore, DueWatches};
 pub(crate) use jobs::now;
 pub use jobs::{JobStatus, JobStore};
 pub use memory::{

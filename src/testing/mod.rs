@@ -144,6 +144,7 @@ impl TestHandler {
             recent: RecentDeadLetters::default(),
             route: None,
             instrumented: true,
+            workflow: None,
         };
         Self {
             worker,

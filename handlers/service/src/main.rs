@@ -1,5 +1,5 @@
-//! `cottontail-demo`: one service running every example handler (the contract is in
-//! `docs/contracts.md`, "Demo service").
+//! `cottontail-demo`: one service running every example handler and workflow (the contract
+//! is in `docs/contracts.md`, "Demo service" and "Workflows").
 //!
 //! Stores: `REDIS_URL` set → Redis for dedup, job statuses, sequence state, checkpoints and
 //! the order book; else `DATABASE_URL` set → PostgreSQL for dedup, job statuses, sequence
@@ -105,10 +105,24 @@ async fn run() -> Result<(), cottontail::Error> {
     .schedule(
         cottontail_reports::schedule(&reports)?,
         // A shared dedup store makes a tick run once even across a leader change.
-        cottontail_reports::queue().dedup(Dedup::shared(stores.dedup)),
+        cottontail_reports::queue().dedup(Dedup::shared(stores.dedup.clone())),
         cottontail_reports::handle,
     )
     .output(cottontail_reports::OUTPUT)
+    // Each step runs once per booking across instances through the shared store.
+    .workflow(
+        cottontail_bookings::workflow(cottontail_bookings::WORKFLOW)
+            .dedup(Dedup::shared(stores.dedup.clone())),
+    )
+    .output(cottontail_bookings::events_queue(
+        cottontail_bookings::WORKFLOW,
+    ))
+    // Thumbnails of an album, one child job per image on the thumbnails queue, joined
+    // once across instances through the shared store.
+    .workflow(
+        cottontail_albums::workflow(cottontail_albums::WORKFLOW, cottontail_thumbnails::QUEUE)
+            .dedup(Dedup::shared(stores.dedup)),
+    )
     .handler(cottontail_crunch::queue(), cottontail_crunch::handle)
     .run(config)
     .await

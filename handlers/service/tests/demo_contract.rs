@@ -91,12 +91,24 @@ impl Client {
         headers: FieldTable,
     ) {
         let props = BasicProperties::default()
+            .with_priority(priority)
+            .with_headers(headers);
+        self.send_with(queue, body, cid, props).await;
+    }
+
+    /// Sends a request with `props` (reply address, JSON and persistence added).
+    async fn send_with(
+        &self,
+        queue: &str,
+        body: &serde_json::Value,
+        cid: &str,
+        props: BasicProperties,
+    ) {
+        let props = props
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_reply_to(self.reply_to.as_str().into())
-            .with_correlation_id(cid.into())
-            .with_priority(priority)
-            .with_headers(headers);
+            .with_correlation_id(cid.into());
         let confirm = self
             .ch
             .basic_publish(
@@ -238,7 +250,162 @@ async fn the_demo_keeps_its_contract_with_plain_amqp_clients() {
     assert_eq!(status, "error");
     assert_eq!(reply["error"]["kind"], "invalid_transition");
 
-    // 4. Priorities: with the service stopped, 500 priority-0 then 50 priority-9 requests;
+    // 4. Bookings: one that succeeds, one declined at payment and compensated in reverse
+    //    order; one progress reply per completed step, then one final reply; the effects on
+    //    `bookings.events`; `/jobs` says how each ended.
+    purge(&client.ch, "bookings.events").await;
+    let trip = |n: u32| format!("trip-{}-{n}", std::process::id());
+    let mut finals = std::collections::BTreeMap::new();
+    for (n, fail_at) in [(1, None), (2, Some("payment"))] {
+        let body = serde_json::json!({"trip_id": trip(n), "hotel": "Ritz", "flight": "LH 400",
+            "amount_cents": 1200, "fail_at": fail_at});
+        let props = BasicProperties::default().with_message_id(trip(n).into());
+        client.send_with("bookings", &body, &trip(n), props).await;
+    }
+    let mut progress = std::collections::BTreeMap::<String, Vec<serde_json::Value>>::new();
+    while finals.len() < 2 {
+        let d = tokio::time::timeout(Duration::from_secs(60), client.replies.next())
+            .await
+            .expect("booking replies in time")
+            .unwrap();
+        let cid = d.properties.correlation_id().as_ref().unwrap().to_string();
+        let status = cottontail::headers::get_string(d.properties.headers().as_ref(), "x-status")
+            .unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        if status == "progress" {
+            progress.entry(cid).or_default().push(body);
+        } else {
+            assert!(
+                finals.insert(cid, (status, body)).is_none(),
+                "two final replies"
+            );
+        }
+    }
+    let done = |s: &str| serde_json::json!({"step": s, "state": "done"});
+    assert_eq!(
+        progress[&trip(1)],
+        [done("hotel"), done("flight"), done("payment")]
+    );
+    assert_eq!(progress[&trip(2)], [done("hotel"), done("flight")]);
+    assert_eq!(
+        finals[&trip(1)],
+        (
+            "ok".to_owned(),
+            serde_json::json!({"trip_id": trip(1), "hotel_ref": format!("hotel-{}", trip(1)),
+                "flight_ref": format!("flight-{}", trip(1)),
+                "payment_ref": format!("payment-{}", trip(1))})
+        )
+    );
+    let (status, error) = &finals[&trip(2)];
+    assert_eq!(status, "error");
+    assert_eq!(error["error"]["kind"], "compensated");
+    assert_eq!(error["error"]["failed_step"], "payment");
+    assert_eq!(
+        error["error"]["compensated"],
+        serde_json::json!(["flight", "hotel"])
+    );
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("declined"));
+    let mut events = Vec::new();
+    while events.len() < 7 {
+        let got = client
+            .ch
+            .basic_get("bookings.events".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        match got {
+            Some(m) => {
+                events.push(serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap())
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let of = |n: u32| -> Vec<(String, String)> {
+        events
+            .iter()
+            .filter(|e| e["trip_id"] == trip(n))
+            .map(|e| {
+                (
+                    e["step"].as_str().unwrap().into(),
+                    e["action"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(s, a)| (s.to_string(), a.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        of(1),
+        pairs(&[
+            ("hotel", "reserved"),
+            ("flight", "reserved"),
+            ("payment", "charged")
+        ])
+    );
+    assert_eq!(
+        of(2),
+        pairs(&[
+            ("hotel", "reserved"),
+            ("flight", "reserved"),
+            ("flight", "cancelled"),
+            ("hotel", "cancelled")
+        ])
+    );
+    for (n, want) in [(1, "succeeded"), (2, "compensated")] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let response = demo.get(&format!("/jobs/{}", trip(n)));
+            if response.contains(&format!("\"status\":\"{want}\"")) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/jobs/{}: {response}",
+                trip(n)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // 5. Albums: thumbnails of every image, joined in input order; an undecodable image is
+    //    named by its index.
+    let album = |n: u32| format!("album-{}-{n}", std::process::id());
+    let images = [png(80, 40), png(30, 60), png(20, 20)];
+    let bad = [png(80, 40), "bm90IGFuIGltYWdl".to_owned(), "%%%".to_owned()];
+    for (n, images) in [(1, &images), (2, &bad)] {
+        let body = serde_json::json!({"album_id": album(n), "images": images, "max_side": 32});
+        let props = BasicProperties::default().with_message_id(album(n).into());
+        client.send_with("albums", &body, &album(n), props).await;
+    }
+    let mut albums = std::collections::BTreeMap::new();
+    while albums.len() < 2 {
+        let (cid, status, body) = client.final_reply().await;
+        assert!(
+            albums.insert(cid, (status, body)).is_none(),
+            "two final replies"
+        );
+    }
+    let (status, body) = &albums[&album(1)];
+    assert_eq!(status, "ok", "{body}");
+    assert_eq!(body["album_id"], album(1));
+    let sizes: Vec<(u64, u64)> = body["thumbnails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["width"].as_u64().unwrap(), t["height"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(sizes, [(32, 16), (16, 32), (20, 20)]);
+    let (status, body) = &albums[&album(2)];
+    assert_eq!(status, "error");
+    assert_eq!(body["error"]["kind"], "invalid_input", "{body}");
+    assert_eq!(body["error"]["index"], 1, "{body}");
+
+    // 6. Priorities: with the service stopped, 500 priority-0 then 50 priority-9 requests;
     //    after it starts, all 50 urgent ones finish before the 100th completion.
     demo.stop();
     let small = png(40, 20);

@@ -31,7 +31,7 @@ impl Worker {
             }
             Outcome::Failed(error) => self.fail(msg, error).await,
             Outcome::Cancelled => self.cancelled(msg).await,
-            Outcome::Continue(state) => self.continue_with(msg, state).await,
+            Outcome::Continue(state) => self.next_slice(msg, state).await,
         }
     }
 
@@ -66,7 +66,7 @@ impl Worker {
     }
 
     /// A continuation: the next slice (confirmed), then the ack.
-    async fn continue_with(&self, msg: &Message, state: Vec<u8>) -> Verdict {
+    async fn next_slice(&self, msg: &Message, state: Vec<u8>) -> Verdict {
         match copies::continuation(msg, state).await {
             Ok(()) => {
                 self.metrics.continued.inc();
@@ -130,7 +130,7 @@ impl Worker {
                 };
             }
         }
-        self.dead_letter(msg, error, attempt).await
+        self.give_up(msg, error, attempt).await
     }
 
     /// Dead-letters with the reason; the caller (if any) gets an `error` reply, unless it got

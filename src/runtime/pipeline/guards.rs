@@ -1,5 +1,5 @@
 //! Guards: checks before anything else runs — unreadable properties, oversized bodies and
-//! crash loops are dead-lettered with their reason.
+//! crash loops are dead-lettered with their reason (a workflow step compensates instead).
 
 use super::{Verdict, Worker};
 use crate::error::HandlerError;
@@ -17,7 +17,7 @@ impl Worker {
                 "invalid_properties",
                 format!("not valid UTF-8: {fields} (the invalid bytes were replaced by '?')"),
             );
-            return Some(self.dead_letter(msg, error, msg.attempt()).await);
+            return Some(self.give_up(msg, error, msg.attempt()).await);
         }
         if msg.body().len() > self.queue.max_body {
             let error = HandlerError::permanent(
@@ -28,7 +28,7 @@ impl Worker {
                     self.queue.max_body
                 ),
             );
-            return Some(self.dead_letter(msg, error, msg.attempt()).await);
+            return Some(self.give_up(msg, error, msg.attempt()).await);
         }
         let limit = u64::from(self.queue.delivery_limit);
         let redeliveries = match self.queue.effective_type() {
@@ -58,7 +58,7 @@ impl Worker {
                     redeliveries.saturating_add(1)
                 ),
             );
-            return Some(self.dead_letter(msg, error, msg.attempt()).await);
+            return Some(self.give_up(msg, error, msg.attempt()).await);
         }
         None
     }

@@ -6,6 +6,7 @@
 //!          ─► settle claim ─► reply / retry copy / dead-letter copy / continuation
 //!              (dedup.rs)        (confirmed; actions.rs) ─► ack (acker)
 //! ```
+//! Workflow queues run the same steps and then continue their workflow (`workflow.rs`).
 //! Nothing is acked before what it produced is confirmed; when a publish fails the message is
 //! requeued instead, so it is never lost.
 
@@ -26,6 +27,9 @@ mod actions;
 mod dedup;
 mod guards;
 mod run;
+mod workflow;
+
+pub(crate) use workflow::Flow;
 
 use crate::runtime::acker::Settle;
 use crate::runtime::job_writer::JobRecorder;
@@ -88,6 +92,8 @@ pub(crate) struct Worker {
     pub route: Option<Route>,
     /// Spans per message (off only to measure their cost).
     pub instrumented: bool,
+    /// Set on the queues of a workflow: its part in it.
+    pub workflow: Option<Flow>,
 }
 
 impl Worker {
@@ -158,6 +164,10 @@ impl Worker {
             if msg.control().is_cancelled(id).await {
                 return self.cancelled(&msg).await;
             }
+        }
+        if let Some(flow) = &self.workflow {
+            // The same steps, then the workflow's continuation (`workflow.rs`).
+            return self.handle_workflow(msg, flow).await;
         }
         let claim = match self.claim(&msg).await {
             Ok(claim) => claim,

@@ -39,6 +39,11 @@ impl Worker {
         status: &str,
         detail: impl FnOnce(&mut crate::stores::JobStatus),
     ) {
+        let entry = |flow: &super::Flow| flow.role.kind == crate::workflow::RoleKind::Entry;
+        if status == "running" && self.workflow.as_ref().is_some_and(entry) {
+            // A workflow's `running` is the workflow's to write (`workflow.rs`).
+            return;
+        }
         if let (Some(jobs), Some(id)) = (&self.jobs, msg.message_id()) {
             jobs.record(id, status, msg.attempt(), detail);
         }

@@ -1,6 +1,6 @@
 //! [`MemoryStore`]: in-process claims and cached replies.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,9 +48,25 @@ pub struct MemoryStore<C: Clock = SystemClock> {
     inner: Mutex<MemoryInner>,
     capacity: usize,
     clock: C,
+    /// Fan-in joins by (scope, id): their fields and expiry. Not counted in the capacity (a
+    /// join lives as long as its workflow step and is small in number); expired ones are
+    /// dropped when joins outnumber the capacity.
+    joins: Mutex<HashMap<(String, String), Join>>,
+    /// Supervision watches by (scope, id): when each is due and its value. Few (one per
+    /// workflow in flight) and removed when their work moves on: a scan is cheap enough.
+    watches: Mutex<Watches>,
+}
+
+/// One fan-in join: its recorded fields and when it expires.
+struct Join {
+    fields: BTreeMap<String, Vec<u8>>,
+    expires_at: u64,
 }
 
 type Ids = HashMap<Arc<str>, Entry>;
+
+/// Watches by (scope, id): when each is due, and its value.
+type Watches = HashMap<(String, String), (u64, Vec<u8>)>;
 
 /// Ids by scope (a handler: a few per process, found by a scan) and id (looked up by `&str`,
 /// so checking an id allocates nothing; a new id allocates its key once, shared with the
@@ -173,6 +189,8 @@ impl<C: Clock> MemoryStore<C> {
             inner: Mutex::new(MemoryInner::default()),
             capacity: capacity.max(1),
             clock,
+            joins: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -276,6 +294,109 @@ impl<C: Clock> DedupStore for MemoryStore<C> {
             }
         });
         Box::pin(async move { result })
+    }
+
+    fn join_record(
+        &self,
+        scope: &str,
+        id: &str,
+        field: &str,
+        value: Vec<u8>,
+        retention: Duration,
+    ) -> BoxFuture<Result<u64, StoreError>> {
+        let now = self.clock.now_ms();
+        let result = self
+            .joins
+            .lock()
+            .map_err(|_| StoreError("memory store lock poisoned".into()))
+            .map(|mut joins| {
+                if joins.len() > self.capacity {
+                    joins.retain(|_, join| join.expires_at > now);
+                }
+                let join = joins
+                    .entry((scope.to_owned(), id.to_owned()))
+                    .or_insert_with(|| Join {
+                        fields: BTreeMap::new(),
+                        expires_at: 0,
+                    });
+                if join.expires_at <= now {
+                    join.fields.clear();
+                }
+                join.expires_at = now.saturating_add(ms(retention));
+                join.fields.entry(field.to_owned()).or_insert(value);
+                join.fields.len() as u64
+            });
+        Box::pin(async move { result })
+    }
+
+    fn join_fields(
+        &self,
+        scope: &str,
+        id: &str,
+    ) -> BoxFuture<Result<BTreeMap<String, Vec<u8>>, StoreError>> {
+        let now = self.clock.now_ms();
+        let result = self
+            .joins
+            .lock()
+            .map_err(|_| StoreError("memory store lock poisoned".into()))
+            .map(|joins| {
+                joins
+                    .get(&(scope.to_owned(), id.to_owned()))
+                    .filter(|join| join.expires_at > now)
+                    .map(|join| join.fields.clone())
+                    .unwrap_or_default()
+            });
+        Box::pin(async move { result })
+    }
+
+    fn watch(
+        &self,
+        scope: &str,
+        id: &str,
+        due_ms: u64,
+        value: Vec<u8>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let result = self.with_watches(|watches| {
+            watches.insert((scope.to_owned(), id.to_owned()), (due_ms, value));
+        });
+        Box::pin(async move { result })
+    }
+
+    fn unwatch(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let result = self.with_watches(|watches| {
+            watches.remove(&(scope.to_owned(), id.to_owned()));
+        });
+        Box::pin(async move { result })
+    }
+
+    fn due(
+        &self,
+        scope: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<crate::stores::DueWatches, StoreError>> {
+        let result = self.with_watches(|watches| {
+            let mut due: Vec<_> = watches
+                .iter()
+                .filter(|((s, _), (at, _))| s == scope && *at <= now_ms)
+                .map(|((_, id), (at, value))| (*at, id.clone(), value.clone()))
+                .collect();
+            due.sort();
+            due.into_iter()
+                .take(limit)
+                .map(|(_, id, value)| (id, value))
+                .collect()
+        });
+        Box::pin(async move { result })
+    }
+}
+
+impl<C: Clock> MemoryStore<C> {
+    fn with_watches<T>(&self, f: impl FnOnce(&mut Watches) -> T) -> Result<T, StoreError> {
+        self.watches
+            .lock()
+            .map(|mut watches| f(&mut watches))
+            .map_err(|_| StoreError("memory store lock poisoned".into()))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The store traits on [`PostgresStore`]: dedup claims, job statuses, sequence state,
 //! stamps and checkpoints, each one statement per call.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,6 +108,134 @@ impl DedupStore for PostgresStore {
             Ok(())
         })
     }
+
+    fn join_record(
+        &self,
+        scope: &str,
+        id: &str,
+        field: &str,
+        value: Vec<u8>,
+        retention: Duration,
+    ) -> BoxFuture<Result<u64, StoreError>> {
+        let store = self.clone();
+        let (scope, id, field) = (scope.to_owned(), id.to_owned(), field.to_owned());
+        let retention = millis(retention) as f64;
+        Box::pin(async move {
+            let count: i64 = store
+                .with_client("join record", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(JOIN_RECORD).await?;
+                    c.query_one(&stmt, &[&scope, &id, &field, &value, &retention])
+                        .await?
+                        .try_get(0)
+                })
+                .await?;
+            store.wrote();
+            from_bigint("join count", count)
+        })
+    }
+
+    fn join_fields(
+        &self,
+        scope: &str,
+        id: &str,
+    ) -> BoxFuture<Result<BTreeMap<String, Vec<u8>>, StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        Box::pin(async move {
+            let rows = store
+                .with_client("join fields", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(JOIN_FIELDS).await?;
+                    c.query(&stmt, &[&scope, &id]).await
+                })
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let field: String = row.try_get(0).map_err(pg)?;
+                    let hex: String = row.try_get(1).map_err(pg)?;
+                    Ok((field, from_hex(&hex)?))
+                })
+                .collect()
+        })
+    }
+
+    fn watch(
+        &self,
+        scope: &str,
+        id: &str,
+        due_ms: u64,
+        value: Vec<u8>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        Box::pin(async move {
+            let due = to_bigint("watch due", due_ms)?;
+            store
+                .with_client("watch", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(WATCH).await?;
+                    c.execute(&stmt, &[&scope, &id, &due, &value]).await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn unwatch(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        Box::pin(async move {
+            store
+                .with_client("unwatch", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(UNWATCH).await?;
+                    c.execute(&stmt, &[&scope, &id]).await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn due(
+        &self,
+        scope: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<crate::stores::DueWatches, StoreError>> {
+        let store = self.clone();
+        let scope = scope.to_owned();
+        Box::pin(async move {
+            let now = to_bigint("due watches", now_ms)?;
+            let limit = to_bigint("due watches", limit as u64)?;
+            let rows = store
+                .with_client("due watches", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(DUE).await?;
+                    c.query(&stmt, &[&scope, &now, &limit]).await
+                })
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?)))
+                .collect()
+        })
+    }
+}
+
+/// Decodes what `encode(…, 'hex')` wrote.
+fn from_hex(hex: &str) -> Result<Vec<u8>, StoreError> {
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let bytes = hex.as_bytes();
+    if bytes.len() % 2 != 0 {
+        return Err(StoreError("postgres join: a value is not hex".into()));
+    }
+    bytes
+        .chunks(2)
+        .map(|pair| match (digit(pair[0]), digit(pair[1])) {
+            (Some(high), Some(low)) => Ok(high << 4 | low),
+            _ => Err(StoreError("postgres join: a value is not hex".into())),
+        })
+        .collect()
 }
 
 impl JobStore for PostgresStore {

@@ -6,6 +6,13 @@
 //! racing for one id serialize on the row and exactly one wins. Every expiry is computed with
 //! the database's clock (`now()`), so instances with skewed clocks agree.
 //!
+//! Fan-in joins (`cottontail_joins`: one row per join, its fields in a `jsonb` object) are
+//! recorded by one upsert that returns the field count; the row lock serializes concurrent
+//! records of one join, so exactly one of them completes it.
+//!
+//! Supervision watches (`cottontail_watches`: one row per watch, indexed by scope and due time)
+//! are one upsert, one delete, one indexed range read.
+//!
 //! Long jobs' checkpoints (`cottontail_checkpoints`) are one upsert per save and expire on
 //! their TTL like dedup rows.
 //!
@@ -74,6 +81,22 @@ CREATE TABLE IF NOT EXISTS cottontail_stamps (
     key  text   PRIMARY KEY,
     last bigint NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cottontail_joins (
+    scope      text        NOT NULL,
+    id         text        NOT NULL,
+    fields     jsonb       NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (scope, id)
+);
+CREATE INDEX IF NOT EXISTS cottontail_joins_expires_at ON cottontail_joins (expires_at);
+CREATE TABLE IF NOT EXISTS cottontail_watches (
+    scope  text   NOT NULL,
+    id     text   NOT NULL,
+    due_ms bigint NOT NULL,
+    value  bytea  NOT NULL,
+    PRIMARY KEY (scope, id)
+);
+CREATE INDEX IF NOT EXISTS cottontail_watches_due ON cottontail_watches (scope, due_ms);
 CREATE TABLE IF NOT EXISTS cottontail_checkpoints (
     scope      text        NOT NULL,
     id         text        NOT NULL,
@@ -90,10 +113,12 @@ CREATE INDEX IF NOT EXISTS cottontail_checkpoints_expires_at ON cottontail_check
 const MIGRATED: &str = "\
 SELECT count(to_regclass(name)) FROM unnest(ARRAY['cottontail_dedup', 'cottontail_jobs',
     'cottontail_dedup_expires_at', 'cottontail_jobs_expires_at', 'cottontail_sequences',
-    'cottontail_stamps', 'cottontail_checkpoints', 'cottontail_checkpoints_expires_at']) AS name";
+    'cottontail_stamps', 'cottontail_joins', 'cottontail_joins_expires_at',
+    'cottontail_watches', 'cottontail_watches_due', 'cottontail_checkpoints',
+    'cottontail_checkpoints_expires_at']) AS name";
 
 /// The number of objects [`MIGRATED`] counts.
-const MIGRATED_ALL: i64 = 8;
+const MIGRATED_ALL: i64 = 12;
 
 /// Serializes concurrent migrations (`CREATE … IF NOT EXISTS` alone can still collide).
 const MIGRATION_LOCK: i64 = 0x636f_7474_6f6e_7461;

@@ -97,9 +97,42 @@ DELETE FROM cottontail_dedup WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM cottontail_dedup WHERE expires_at <= now() LIMIT 10000));
 DELETE FROM cottontail_jobs WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM cottontail_jobs WHERE expires_at <= now() LIMIT 10000));
+DELETE FROM cottontail_joins WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM cottontail_joins WHERE expires_at <= now() LIMIT 10000));
 DELETE FROM cottontail_checkpoints WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM cottontail_checkpoints WHERE expires_at <= now() LIMIT 10000));";
+
+/// Record a join's field unless it is recorded (values hex-encoded in a `jsonb` object) and
+/// return the field count. The upsert locks the row, so concurrent records of one join see
+/// each other's fields: exactly one of them returns the full count. An expired join starts
+/// over.
+pub(super) const JOIN_RECORD: &str = "\
+INSERT INTO cottontail_joins AS j (scope, id, fields, expires_at)
+VALUES ($1, $2, jsonb_build_object($3::text, encode($4::bytea, 'hex')),
+        now() + $5::float8 * interval '1 millisecond')
+ON CONFLICT (scope, id) DO UPDATE
+   SET fields = CASE WHEN j.expires_at <= now() THEN EXCLUDED.fields
+                     WHEN j.fields ? $3::text THEN j.fields
+                     ELSE j.fields || EXCLUDED.fields END,
+       expires_at = EXCLUDED.expires_at
+RETURNING (SELECT count(*) FROM jsonb_object_keys(j.fields))";
+
+pub(super) const JOIN_FIELDS: &str = "\
+SELECT f.key, f.value FROM cottontail_joins, jsonb_each_text(fields) AS f
+ WHERE scope = $1 AND id = $2 AND expires_at > now()";
 
 /// Expired rows are overwritten in place by the next claim of the same id; ids that never come
 /// back are deleted by a bounded purge every this many writes.
 pub(super) const PURGE_EVERY: u64 = 1000;
+
+/// Keep a supervision watch (replacing the one held under the id).
+pub(super) const WATCH: &str = "\
+INSERT INTO cottontail_watches (scope, id, due_ms, value) VALUES ($1, $2, $3, $4)
+ON CONFLICT (scope, id) DO UPDATE SET due_ms = EXCLUDED.due_ms, value = EXCLUDED.value";
+
+pub(super) const UNWATCH: &str = "DELETE FROM cottontail_watches WHERE scope = $1 AND id = $2";
+
+/// The watches due, earliest first (the index on `(scope, due_ms)` serves it).
+pub(super) const DUE: &str = "\
+SELECT id, value FROM cottontail_watches WHERE scope = $1 AND due_ms <= $2
+ ORDER BY due_ms LIMIT $3";

@@ -7,6 +7,11 @@
 //!
 //! Keys:
 //! - `<prefix>:dedup:<scope>:<id>` → `claim:<owner>` | `done0:` (no reply) | `done1:<reply bytes>`
+//! - `<prefix>:join:<scope>:<id>` → a hash of a fan-in join's recorded fields (`HSETNX` and
+//!   `HLEN` in one script)
+//! - `<prefix>:watch:<scope>` → a sorted set of supervision watches by due time (ms since the
+//!   epoch), and `<prefix>:watch:<scope>:values` → a hash of their values (both written in one
+//!   `MULTI`)
 //! - `<prefix>:job:<message_id>` → the [`JobStatus`] as JSON
 //! - `<prefix>:seq:<scope>:<key>` → the next expected sequence number of `key` (decimal; a
 //!   missing key means 1). Never expires: losing it would re-apply the key from 1.
@@ -18,6 +23,7 @@
 //! The id and the sequence key are used as they came from the wire (Redis keys are
 //! binary-safe).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +32,7 @@ use ::redis::Client;
 
 mod scripts;
 
-use scripts::{ADVANCE, CLAIM, COMPLETE, JOB_PUT_MANY, RELEASE};
+use scripts::{ADVANCE, CLAIM, COMPLETE, JOB_PUT_MANY, JOIN_RECORD, RELEASE};
 
 use super::{bounded, millis, DEFAULT_TIMEOUT};
 use crate::stores::{
@@ -154,6 +160,18 @@ impl RedisStore {
     /// `<prefix>:dedup:<scope>:<id>`, as raw bytes.
     pub fn dedup_key(&self, scope: &str, id: &str) -> Vec<u8> {
         key(&self.prefix, &[b"dedup", scope.as_bytes(), id.as_bytes()])
+    }
+
+    /// `<prefix>:join:<scope>:<id>` (a fan-in join's hash), as raw bytes.
+    pub fn join_key(&self, scope: &str, id: &str) -> Vec<u8> {
+        key(&self.prefix, &[b"join", scope.as_bytes(), id.as_bytes()])
+    }
+
+    /// `<prefix>:watch:<scope>` (the due times) and `…:values` (the watches' values).
+    fn watch_keys(&self, scope: &str) -> (Vec<u8>, Vec<u8>) {
+        let due = key(&self.prefix, &[b"watch", scope.as_bytes()]);
+        let values = key(&self.prefix, &[b"watch", scope.as_bytes(), b"values"]);
+        (due, values)
     }
 
     /// `<prefix>:job:<message_id>`, as raw bytes.
@@ -322,6 +340,142 @@ impl DedupStore for RedisStore {
             })
             .await?;
             Ok(())
+        })
+    }
+
+    fn join_record(
+        &self,
+        scope: &str,
+        id: &str,
+        field: &str,
+        value: Vec<u8>,
+        retention: Duration,
+    ) -> BoxFuture<Result<u64, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.join_key(scope, id);
+        let field = field.to_owned();
+        let limit = self.timeout;
+        Box::pin(async move {
+            bounded("redis", "join record", limit, async {
+                JOIN_RECORD
+                    .key(key)
+                    .arg(field)
+                    .arg(value)
+                    .arg(millis(retention))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
+        })
+    }
+
+    fn join_fields(
+        &self,
+        scope: &str,
+        id: &str,
+    ) -> BoxFuture<Result<BTreeMap<String, Vec<u8>>, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.join_key(scope, id);
+        let limit = self.timeout;
+        Box::pin(async move {
+            bounded("redis", "join fields", limit, async {
+                ::redis::cmd("HGETALL")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
+        })
+    }
+
+    fn watch(
+        &self,
+        scope: &str,
+        id: &str,
+        due_ms: u64,
+        value: Vec<u8>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let mut conn = self.conn.clone();
+        let (due, values) = self.watch_keys(scope);
+        let id = id.to_owned();
+        let limit = self.timeout;
+        Box::pin(async move {
+            bounded("redis", "watch", limit, async {
+                ::redis::pipe()
+                    .atomic()
+                    .zadd(due, &id, due_ms)
+                    .ignore()
+                    .hset(values, &id, value)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
+        })
+    }
+
+    fn unwatch(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let mut conn = self.conn.clone();
+        let (due, values) = self.watch_keys(scope);
+        let id = id.to_owned();
+        let limit = self.timeout;
+        Box::pin(async move {
+            bounded("redis", "unwatch", limit, async {
+                ::redis::pipe()
+                    .atomic()
+                    .zrem(due, &id)
+                    .ignore()
+                    .hdel(values, &id)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)
+            })
+            .await
+        })
+    }
+
+    fn due(
+        &self,
+        scope: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<Result<crate::stores::DueWatches, StoreError>> {
+        let mut conn = self.conn.clone();
+        let (due, values) = self.watch_keys(scope);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            bounded("redis", "due watches", timeout, async {
+                let ids: Vec<String> = ::redis::cmd("ZRANGEBYSCORE")
+                    .arg(due)
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)?;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let found: Vec<Option<Vec<u8>>> = ::redis::cmd("HMGET")
+                    .arg(values)
+                    .arg(&ids)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)?;
+                // A watch dropped between the two reads has no value left: skipped.
+                Ok(ids
+                    .into_iter()
+                    .zip(found)
+                    .filter_map(|(id, value)| Some((id, value?)))
+                    .collect())
+            })
+            .await
         })
     }
 }

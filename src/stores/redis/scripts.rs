@@ -89,3 +89,16 @@ return 1
 ",
     )
 });
+
+/// Join record: set the field unless it is set (the first value stays), renew the expiry,
+/// return the number of fields — one atomic step, so exactly one caller completes a join.
+/// KEYS[1] = join key; ARGV[1] = field; ARGV[2] = value; ARGV[3] = retention in ms.
+pub(super) static JOIN_RECORD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return redis.call('HLEN', KEYS[1])
+",
+    )
+});

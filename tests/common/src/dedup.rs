@@ -190,3 +190,120 @@ pub async fn an_orphaned_claim_lapses(
     delete_queues(&handler_queues(&queue, &cottontail::RetryPolicy::default())).await;
     name
 }
+
+/// Fan-in on a store: 20 fields recorded concurrently, each twice with different values —
+/// counts never pass 20, some record sees the join complete (the record that completed it
+/// does), a duplicate after the end sees 20 too, the first value of each field stays, and the
+/// fields read back.
+pub async fn join_completes_once(store: std::sync::Arc<dyn cottontail::stores::DedupStore>) {
+    let scope = unique("join");
+    let retention = Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for round in 0..2u8 {
+        for i in 0..20u32 {
+            let (store, scope) = (store.clone(), scope.clone());
+            tasks.push(tokio::spawn(async move {
+                let value = format!("{i}/{round}").into_bytes();
+                let count = store
+                    .join_record(&scope, "album-1", &i.to_string(), value, retention)
+                    .await
+                    .unwrap();
+                (round, count)
+            }));
+        }
+    }
+    let mut counts = Vec::new();
+    for task in tasks {
+        counts.push(task.await.unwrap());
+    }
+    assert!(
+        counts.iter().all(|(_, c)| (1..=20).contains(c)),
+        "{counts:?}"
+    );
+    assert!(counts.iter().any(|(_, c)| *c == 20), "{counts:?}");
+    let again = store
+        .join_record(&scope, "album-1", "3", b"late".to_vec(), retention)
+        .await
+        .unwrap();
+    assert_eq!(
+        again, 20,
+        "a duplicate after the end sees the join complete"
+    );
+    let fields = store.join_fields(&scope, "album-1").await.unwrap();
+    assert_eq!(fields.len(), 20);
+    for (field, value) in &fields {
+        let value = String::from_utf8(value.clone()).unwrap();
+        assert!(
+            value.starts_with(&format!("{field}/")),
+            "{field} holds {value}"
+        );
+    }
+    assert!(store
+        .join_fields(&scope, "album-2")
+        .await
+        .unwrap()
+        .is_empty());
+    // Sequential records: the count grows by one per new field, not per record.
+    let counts: Vec<u64> = futures::future::join_all((0..3).map(|i| {
+        let (store, scope) = (store.clone(), scope.clone());
+        async move {
+            store
+                .join_record(&scope, "album-3", &(i % 2).to_string(), vec![i], retention)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(counts.iter().max(), Some(&2), "{counts:?}");
+}
+
+/// Supervision watches on a store: due ones come back earliest first (up to the limit), one
+/// not yet due does not, a watch kept again replaces its value and due time, an unwatched one
+/// is gone, and scopes are apart.
+pub async fn watches_come_due_in_order(store: std::sync::Arc<dyn cottontail::stores::DedupStore>) {
+    let scope = unique("watch");
+    for (id, due) in [
+        ("w-3", 300u64),
+        ("w-1", 100),
+        ("w-2", 200),
+        ("later", 10_000),
+    ] {
+        store
+            .watch(&scope, id, due, id.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let due = store.due(&scope, 1_000, 10).await.unwrap();
+    let ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["w-1", "w-2", "w-3"]);
+    assert_eq!(due[0].1, b"w-1");
+    assert_eq!(store.due(&scope, 1_000, 2).await.unwrap().len(), 2);
+    store
+        .watch(&scope, "w-1", 5_000, b"again".to_vec())
+        .await
+        .unwrap();
+    store.unwatch(&scope, "w-2").await.unwrap();
+    store.unwatch(&scope, "never-watched").await.unwrap();
+    let ids: Vec<String> = store
+        .due(&scope, 1_000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, ["w-3"]);
+    let all = store.due(&scope, 20_000, 10).await.unwrap();
+    assert_eq!(
+        all,
+        [
+            ("w-3".to_string(), b"w-3".to_vec()),
+            ("w-1".to_string(), b"again".to_vec()),
+            ("later".to_string(), b"later".to_vec()),
+        ]
+    );
+    assert!(store
+        .due(&unique("watch"), 20_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}

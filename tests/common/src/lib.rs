@@ -283,6 +283,27 @@ where
     }
 }
 
+/// Waits until `store` says `want` for job `id`; on timeout, panics naming what it said.
+pub async fn wait_job_status(
+    store: &dyn cottontail::stores::JobStore,
+    id: &str,
+    want: &str,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = store.get(id).await.ok().flatten();
+        if status.as_ref().is_some_and(|j| j.status == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} is not {want} after {limit:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Messages ready in a queue (passive declare).
 pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
     queue_counts(conn, queue).await.0
@@ -290,6 +311,13 @@ pub async fn queue_depth(conn: &Connection, queue: &str) -> u32 {
 
 /// Messages ready in a queue and its consumers (passive declare).
 pub async fn queue_counts(conn: &Connection, queue: &str) -> (u32, u32) {
+    queue_counts_if_declared(conn, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+}
+
+/// [`queue_counts`], or `None` while nobody has declared the queue yet.
+pub async fn queue_counts_if_declared(conn: &Connection, queue: &str) -> Option<(u32, u32)> {
     let ch = conn.create_channel().await.unwrap();
     let q = ch
         .queue_declare(
@@ -301,9 +329,9 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> (u32, u32) {
             FieldTable::default(),
         )
         .await
-        .unwrap();
+        .ok();
     let _ = ch.close(200, "".into()).await;
-    (q.message_count(), q.consumer_count())
+    q.map(|q| (q.message_count(), q.consumer_count()))
 }
 
 pub fn header_str(d: &Received, key: &str) -> Option<String> {
@@ -480,4 +508,31 @@ pub async fn delete_queues_quietly(names: &[String]) {
         Some(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(20), attempt).await;
+}
+
+/// Every queue the workflow `name` declares (for the cleanup; `x-expires` catches the rest).
+pub fn workflow_queues(
+    name: &str,
+    steps: &[&str],
+    compensated: &[&str],
+    dedup: &cottontail::Dedup,
+) -> Vec<String> {
+    let mut queues = vec![name.to_owned()];
+    queues.extend(
+        steps
+            .iter()
+            .map(|s| cottontail::names::workflow_step(name, s)),
+    );
+    queues.extend(
+        compensated
+            .iter()
+            .map(|s| cottontail::names::workflow_compensation(name, s)),
+    );
+    queues
+        .iter()
+        .flat_map(|q| {
+            let queue = cottontail::Queue::new(q).dedup(dedup.clone());
+            handler_queues(&queue, &cottontail::RetryPolicy::default())
+        })
+        .collect()
 }

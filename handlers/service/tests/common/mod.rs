@@ -47,17 +47,22 @@ impl Demo {
     }
 
     pub fn ready(&self) -> bool {
+        self.get("/health/ready").starts_with("HTTP/1.1 200")
+    }
+
+    /// The raw HTTP response to `GET path` (empty when the service does not answer).
+    pub fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(&self.http) else {
-            return false;
+            return String::new();
         };
         let _ = write!(
             s,
-            "GET /health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         );
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.1 200")
+        out
     }
 
     pub fn stop(mut self) {
