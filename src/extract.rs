@@ -35,7 +35,7 @@ use crate::message::Message;
     note = "handler arguments are extractors: `Json<T>` for the body (`Json<String>` for a JSON \
             string), `State<T>`, `Message`, `Attempt`, `MessageId`, `CorrelationId`, `Priority`, \
             `Sequence`, `Progress`, `Outbox`, `TraceContext`; in workflow steps also \
-            `workflow::{Input, Context, Recorded}`; or your own `impl FromMessage<S>`"
+            `workflow::{{Input, Context, Recorded}}`; or your own `impl FromMessage<S>`"
 )]
 pub trait FromMessage<S>: Sized {
     /// Extracts the value, or says why the message does not fit this handler.
