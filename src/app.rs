@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::control::Control;
 use crate::handler::{BoxedHandler, Handler, Middleware};
 use crate::ops::health::Health;
 use crate::ops::http;
@@ -19,7 +20,9 @@ use crate::runtime::job_writer::Jobs;
 use crate::runtime::session::{Plan, Registered};
 use crate::runtime::supervisor::Supervisor;
 use crate::schedule::Schedule;
-use crate::stores::{JobStore, MemoryJobs};
+use crate::stores::{
+    CheckpointStore, JobStore, MemoryCheckpoints, MemoryJobs, DEFAULT_CHECKPOINT_TTL,
+};
 use crate::workflow::Workflow;
 use crate::Error;
 
@@ -60,6 +63,8 @@ pub struct App<S> {
     schedules: Vec<(Arc<Schedule>, String)>,
     outputs: Vec<String>,
     instrumented: bool,
+    checkpoints: Arc<dyn CheckpointStore>,
+    checkpoint_ttl: Duration,
     /// Registration mistakes, reported by `start` (builders cannot fail).
     errors: Vec<String>,
 }
@@ -76,6 +81,8 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             schedules: Vec::new(),
             outputs: Vec::new(),
             instrumented: true,
+            checkpoints: Arc::new(MemoryCheckpoints::default()),
+            checkpoint_ttl: DEFAULT_CHECKPOINT_TTL,
             errors: Vec::new(),
         }
     }
@@ -172,6 +179,23 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         self
     }
 
+    /// Keeps long jobs' [`Checkpoint`](crate::Checkpoint)s (and cancelled message ids) in
+    /// `store` instead of process memory: with Redis or PostgreSQL a job resumes from its
+    /// checkpoint on any instance, and a cancel reaches instances that start after it was
+    /// sent (each delivery of a message with a `message_id` then asks the store whether it was
+    /// cancelled: one round trip).
+    pub fn checkpoint_store(mut self, store: Arc<dyn CheckpointStore>) -> Self {
+        self.checkpoints = store;
+        self
+    }
+
+    /// How long a checkpoint outlives its last save when its job never ends (default
+    /// [`DEFAULT_CHECKPOINT_TTL`], 7 days); a job that ends removes its checkpoint at once.
+    pub fn checkpoint_ttl(mut self, ttl: Duration) -> Self {
+        self.checkpoint_ttl = ttl;
+        self
+    }
+
     /// The app's metrics; register your own in its registry.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
@@ -198,6 +222,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         }
         for h in &self.handlers {
             h.queue.validate()?;
+            h.queue.check_consumer_timeout(config.consumer_timeout)?;
             if h.workflow.is_some() && (h.queue.ordering.is_some() || h.queue.bands.is_some()) {
                 return Err(Error::Config(format!(
                     "workflow queue '{}': ordering and priority bands do not apply to workflows",
@@ -221,6 +246,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let stop = CancellationToken::new();
         let recent = RecentDeadLetters::default();
         let jobs = Arc::new(Jobs::new(self.jobs.clone(), &self.metrics));
+        let control = Arc::new(Control::new(self.checkpoints, self.checkpoint_ttl));
         let http_addr = match config.http_addr {
             Some(addr) => Some(
                 http::serve(
@@ -231,6 +257,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                         health: health.clone(),
                         jobs: jobs.clone(),
                         recent: recent.clone(),
+                        control: control.clone(),
                     },
                     stop.child_token(),
                 )
@@ -259,6 +286,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             outputs: self.outputs,
             instrumented: self.instrumented,
             recent,
+            control,
             owner: format!("{}#{:08x}", config.connection_name, fastrand::u32(..)).into(),
             name: connector.name().to_owned(),
         };

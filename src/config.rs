@@ -22,7 +22,15 @@ pub struct Config {
     /// Bearer token required by `/jobs/*`, `/api/*` and `/status.json`
     /// (`COTTONTAIL_API_TOKEN`). Without one they are served on a loopback address only.
     pub api_token: Option<String>,
+    /// The broker's `consumer_timeout`: how long it lets a consumer hold a delivery before it
+    /// closes the channel (`COTTONTAIL_CONSUMER_TIMEOUT`, seconds; `0` = the broker has none).
+    /// Default 30 minutes, RabbitMQ's default. A handler whose run may last longer is refused
+    /// at start (see [`Queue::timeout`](crate::Queue::timeout)).
+    pub consumer_timeout: Option<Duration>,
 }
+
+/// RabbitMQ's default `consumer_timeout`.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 impl Config {
     /// Connects to `amqp_url`, no HTTP, 30 s shutdown timeout.
@@ -34,12 +42,14 @@ impl Config {
             connection_name: default_name(),
             tls_ca_file: None,
             api_token: None,
+            consumer_timeout: Some(DEFAULT_CONSUMER_TIMEOUT),
         }
     }
 
     /// Reads `AMQP_URL`, `COTTONTAIL_HTTP_ADDR` (default `127.0.0.1:9090`; empty disables),
     /// `COTTONTAIL_SHUTDOWN_TIMEOUT` (seconds, default 30), `AMQP_TLS_CA_FILE`,
-    /// `COTTONTAIL_CONNECTION_NAME` and `COTTONTAIL_API_TOKEN` (empty = unset).
+    /// `COTTONTAIL_CONNECTION_NAME`, `COTTONTAIL_API_TOKEN` (empty = unset) and
+    /// `COTTONTAIL_CONSUMER_TIMEOUT` (seconds, default 1800; `0` = the broker has none).
     pub fn from_env() -> Result<Self, Error> {
         let mut config =
             Self::new(std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned()));
@@ -74,6 +84,23 @@ impl Config {
         }
         if let Ok(name) = std::env::var("COTTONTAIL_CONNECTION_NAME") {
             config.connection_name = name;
+        }
+        if let Ok(secs) = std::env::var("COTTONTAIL_CONSUMER_TIMEOUT") {
+            let secs: f64 = secs
+                .trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "COTTONTAIL_CONSUMER_TIMEOUT '{secs}' must be a number of seconds (0 = none)"
+                    ))
+                })?;
+            config.consumer_timeout = if secs > 0.0 {
+                Some(Duration::from_secs_f64(secs))
+            } else {
+                None
+            };
         }
         if let Ok(token) = std::env::var("COTTONTAIL_API_TOKEN") {
             if !token.trim().is_empty() {
@@ -122,6 +149,13 @@ impl Config {
         self
     }
 
+    /// The broker's `consumer_timeout` (`None`: the broker has none); see
+    /// [`Config::consumer_timeout`](Self#structfield.consumer_timeout).
+    pub fn consumer_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.consumer_timeout = limit;
+        self
+    }
+
     /// Sets the connection name (tests use it to close only their own connection).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = name.into();
@@ -139,6 +173,7 @@ impl std::fmt::Debug for Config {
             .field("connection_name", &self.connection_name)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("api_token", &self.api_token.as_ref().map(|_| "***"))
+            .field("consumer_timeout", &self.consumer_timeout)
             .finish()
     }
 }

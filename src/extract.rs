@@ -284,3 +284,115 @@ impl<S> FromMessage<S> for Outbox {
         })
     }
 }
+
+/// A long job's saved state for this message, so that a redelivery (after a crash, a lost
+/// connection, a timeout) resumes where the last attempt left off instead of starting over.
+///
+/// Keyed by handler and `message_id` (a message without one is dead-lettered as
+/// `invalid_input`), kept in the app's checkpoint store
+/// ([`App::checkpoint_store`](crate::App::checkpoint_store): memory by default, Redis or
+/// PostgreSQL to resume on any instance), and removed by the framework when the job ends
+/// (succeeded, dead-lettered or cancelled). A save is one store round trip: fine every
+/// second.
+///
+/// ```
+/// use cottontail::{Checkpoint, HandlerError, Json};
+///
+/// async fn count(Json(n): Json<u64>, checkpoint: Checkpoint<u64>) -> Result<Json<u64>, HandlerError> {
+///     let start = checkpoint.load().await?.unwrap_or(0);
+///     for done in start..n {
+///         // … one step of work …
+///         checkpoint.save(&(done + 1)).await?;
+///     }
+///     Ok(Json(n))
+/// }
+/// ```
+pub struct Checkpoint<T> {
+    msg: Message,
+    id: String,
+    _state: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for Checkpoint<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("handler", &self.msg.handler())
+            .field("message_id", &self.id)
+            .finish()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Checkpoint<T> {
+    /// The state last saved for this message; `None` when fresh. A stored state that no
+    /// longer reads as `T` (the handler changed its type) is logged and counts as none.
+    pub async fn load(&self) -> Result<Option<T>, HandlerError> {
+        let raw = self
+            .msg
+            .control()
+            .store
+            .load(self.msg.handler(), &self.id)
+            .await
+            .map_err(|e| HandlerError::transient("checkpoint", e.to_string()))?;
+        Ok(raw.and_then(|bytes| match serde_json::from_slice(&bytes) {
+            Ok(state) => Some(state),
+            Err(error) => {
+                tracing::warn!(%error, "stored checkpoint unreadable; starting over");
+                None
+            }
+        }))
+    }
+
+    /// Saves `state` as this message's checkpoint (replacing the last one).
+    pub async fn save(&self, state: &T) -> Result<(), HandlerError> {
+        let bytes = serde_json::to_vec(state)?;
+        let control = self.msg.control();
+        control
+            .store
+            .save(self.msg.handler(), &self.id, bytes, control.checkpoint_ttl)
+            .await
+            .map_err(|e| HandlerError::transient("checkpoint", e.to_string()))
+    }
+}
+
+impl<S, T> FromMessage<S> for Checkpoint<T> {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        let id = msg
+            .message_id()
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| HandlerError::invalid_input("checkpoints need a message_id"))?;
+        msg.mark_checkpointed();
+        Ok(Checkpoint {
+            msg: msg.clone(),
+            id: id.to_owned(),
+            _state: std::marker::PhantomData,
+        })
+    }
+}
+
+/// Tells a running handler that its job was cancelled (`Client::cancel`, `cottontail cancel`,
+/// `POST /jobs/{id}/cancel`), on whichever instance runs it.
+///
+/// The framework stops a cancelled run by itself, at the handler's next `.await` (within a
+/// second of the cancel): its caller gets an `error` reply of kind `cancelled`, and the
+/// message is acked. Take this extractor to notice it where dropping the future cannot reach:
+/// a loop inside `spawn_blocking`, or cleanup to do before returning.
+#[derive(Clone, Debug)]
+pub struct Cancellation(tokio_util::sync::CancellationToken);
+
+impl Cancellation {
+    /// Whether the job was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    /// Resolves when the job is cancelled.
+    pub async fn cancelled(&self) {
+        self.0.cancelled().await
+    }
+}
+
+impl<S> FromMessage<S> for Cancellation {
+    fn from_message(msg: &Message, _: &S) -> Result<Self, HandlerError> {
+        Ok(Cancellation(msg.cancel_token().clone()))
+    }
+}

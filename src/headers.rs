@@ -32,6 +32,9 @@ pub const LAST_ERROR: &str = "x-last-error";
 /// keeps it, and cottontail sends no reply at all (`progress`, `ok` or `error`) for a message
 /// carrying it, so a replayed request never gives its caller a second final answer.
 pub const REPLY_SENT: &str = "x-reply-sent";
+/// Set by cottontail on a continuation (a handler returned [`Continue`](crate::Continue)):
+/// the slices run so far (1 on the first continuation).
+pub const CONTINUATION: &str = "x-continuation";
 /// Header cottontail adds to a delivered message whose properties held invalid UTF-8; its
 /// value names the fields (e.g. `message_id, header name`). Reserved: a message published with
 /// it is dead-lettered the same way.

@@ -42,6 +42,8 @@
 //! | `Ok(value)` | reply `x-status: ok` to `reply_to` (confirmed), then ack |
 //! | `Err(transient)`, panic, timeout | copy to a TTL retry queue with `x-attempts` (confirmed), then ack; after the last attempt, as permanent |
 //! | `Err(permanent)`, bad input | copy to `<queue>.dlq` with `x-error`… (confirmed), `error` reply, then ack |
+//! | [`Continue`] | the next slice (same message, new body) to the queue (confirmed), then ack |
+//! | cancelled ([`Client::cancel`](client::Client::cancel)) | `error` reply of kind `cancelled` (confirmed), then ack |
 //!
 //! Acks are coalesced (`multiple=true`) but never cover an unfinished message.
 //!
@@ -76,7 +78,8 @@
 //! | workflows: routing slips with compensation, fan-out/fan-in | [`workflow`] ([`Workflow`]; the slip and its plans are pure functions) |
 //! | broker names of every queue and exchange | [`names`] |
 //! | header names of the message contract | [`headers`] |
-//! | dedup, job-status and sequence stores | [`stores`] (memory, Redis, PostgreSQL) |
+//! | dedup, job-status, sequence and checkpoint stores | [`stores`] (memory, Redis, PostgreSQL) |
+//! | long jobs: checkpoints, continuations, cancellation | [`Checkpoint`], [`Cancellation`] (`extract.rs`), [`Continue`] (`outcome.rs`), `control.rs` (crate-private: cancelled ids, running jobs, the broadcast) |
 //! | producers: publish, RPC calls, replies | [`client`] |
 //! | connecting (URLs, TLS, the frame guard) | [`connection`] |
 //! | HTTP, health, metrics, status page, trace context | [`ops`] |
@@ -91,6 +94,7 @@ mod app;
 pub mod client;
 mod config;
 pub mod connection;
+mod control;
 mod error;
 mod extract;
 mod handler;
@@ -108,16 +112,16 @@ pub mod testing;
 pub mod workflow;
 
 pub use app::{App, Running};
-pub use config::Config;
+pub use config::{Config, DEFAULT_CONSUMER_TIMEOUT};
 pub use error::{Disposition, Error, HandlerError};
 pub use extract::{
-    Attempt, CorrelationId, FromMessage, FromRef, Json, MessageId, Outbox, Priority, Progress,
-    Sequence, State,
+    Attempt, Cancellation, Checkpoint, CorrelationId, FromMessage, FromRef, Json, MessageId,
+    Outbox, Priority, Progress, Sequence, State,
 };
 pub use handler::{from_fn, BoxedHandler, Handler, Middleware, Next};
 pub use message::Message;
 pub use ops::TraceContext;
-pub use outcome::{IntoOutcome, Outcome};
+pub use outcome::{Continue, IntoOutcome, Outcome};
 pub use queue::{
     Bands, Dedup, GapPolicy, Ordering, Queue, QueueType, RetryPolicy, DEFAULT_HANDLER_TIMEOUT,
 };

@@ -1,11 +1,14 @@
 //! The message a handler sees: body, AMQP properties and where it came from.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::Publisher;
+use crate::control::Control;
 use crate::headers;
 use crate::ops::trace_context::{TraceContext, TRACEPARENT};
 
@@ -22,6 +25,11 @@ struct Inner {
     attempt: u32,
     trace: TraceContext,
     context: Arc<Context>,
+    /// Cancelled when the job is cancelled (shared by the delivery's attempts).
+    cancel: CancellationToken,
+    /// Set once the handler took a [`Checkpoint`](crate::Checkpoint): the framework removes
+    /// the checkpoint when the job ends.
+    checkpointed: Arc<AtomicBool>,
 }
 
 /// What a handler's messages share: its name, queue, and the session's publisher.
@@ -32,6 +40,8 @@ pub(crate) struct Context {
     /// Set while the handler's dedup store does not answer: outages are logged when they
     /// start and end, not once per deferred message.
     pub store_down: std::sync::atomic::AtomicBool,
+    /// Checkpoints and cancellation (the app's).
+    pub control: Arc<Control>,
 }
 
 impl Message {
@@ -54,6 +64,8 @@ impl Message {
                 attempt,
                 trace,
                 context,
+                cancel: CancellationToken::new(),
+                checkpointed: Arc::default(),
             }),
         }
     }
@@ -149,12 +161,31 @@ impl Message {
                 attempt: inner.attempt.saturating_add(1),
                 trace: inner.trace,
                 context: inner.context.clone(),
+                cancel: inner.cancel.clone(),
+                checkpointed: inner.checkpointed.clone(),
             }),
         }
     }
 
     pub(crate) fn publisher(&self) -> &Publisher {
         &self.inner.context.publisher
+    }
+
+    pub(crate) fn control(&self) -> &Arc<Control> {
+        &self.inner.context.control
+    }
+
+    /// Cancelled when this job is cancelled.
+    pub(crate) fn cancel_token(&self) -> &CancellationToken {
+        &self.inner.cancel
+    }
+
+    pub(crate) fn mark_checkpointed(&self) {
+        self.inner.checkpointed.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn checkpointed(&self) -> bool {
+        self.inner.checkpointed.load(Ordering::Relaxed)
     }
 }
 

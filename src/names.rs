@@ -7,6 +7,10 @@ use std::time::Duration;
 /// The direct exchange every handler's dead-letters go through, routed by queue name.
 pub const DEAD_LETTER_EXCHANGE: &str = "cottontail.dlx";
 
+/// The fanout exchange control messages (cancels) are broadcast on: every running instance
+/// binds an exclusive, auto-delete queue of its own to it.
+pub const CONTROL_EXCHANGE: &str = "cottontail.control";
+
 /// `Q.dlq`: where `Q`'s dead-lettered messages wait, with their reasons.
 pub fn dlq(queue: &str) -> String {
     format!("{queue}.dlq")

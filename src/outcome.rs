@@ -13,6 +13,12 @@ pub enum Outcome {
     Done(Vec<u8>),
     /// Failure; its [`Disposition`](crate::Disposition) decides retry or dead-letter.
     Failed(HandlerError),
+    /// Not done yet: republish the message with this body (the updated state) and ack this
+    /// delivery (see [`Continue`]).
+    Continue(Vec<u8>),
+    /// The job was cancelled: acked, not dead-lettered; the caller gets an `error` reply of
+    /// kind `cancelled`. The framework ends a cancelled run with it on its own.
+    Cancelled,
 }
 
 /// Converts a handler's return value into an [`Outcome`].
@@ -79,6 +85,57 @@ fn serialize<T: Serialize>(value: &T) -> Outcome {
     }
 }
 
+/// Ends a handler's turn without ending the job: the framework republishes the message to
+/// its queue with `state` as the new body (same `message_id`, `reply_to`, `correlation_id`,
+/// headers; header `x-continuation` counts the slices), waits for the broker's confirm, then
+/// acks the delivery. The next slice runs as a fresh delivery, on any instance.
+///
+/// This is how a job longer than the broker's `consumer_timeout` runs without holding a
+/// delivery that long, and without a store: each slice holds its delivery only for its own
+/// run, and frees the prefetch slot in between. The state is the body, so the handler's input
+/// type reads both the first request and its continuations.
+///
+/// ```
+/// use cottontail::{Continue, IntoOutcome, Json, Outcome};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Deserialize, Serialize)]
+/// struct Export { pages: u32, #[serde(default)] done: u32 }
+///
+/// async fn export(Json(mut job): Json<Export>) -> Outcome {
+///     // … export page `job.done` …
+///     job.done += 1;
+///     if job.done < job.pages {
+///         return Continue::with(&job).into_outcome();
+///     }
+///     Json(serde_json::json!({"pages": job.pages})).into_outcome()
+/// }
+/// ```
+///
+/// Not for ordered handlers (a continuation goes to the back of the queue, behind later
+/// sequence numbers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Continue(Outcome);
+
+impl Continue {
+    /// Continue with `state` (any JSON-serializable value) as the next slice's body.
+    pub fn with<T: Serialize>(state: &T) -> Self {
+        Continue(match serde_json::to_vec(state) {
+            Ok(body) => Outcome::Continue(body),
+            Err(e) => Outcome::Failed(HandlerError::permanent(
+                "serialization",
+                format!("the continuation state is not serializable to JSON: {e}"),
+            )),
+        })
+    }
+}
+
+impl IntoOutcome for Continue {
+    fn into_outcome(self) -> Outcome {
+        self.0
+    }
+}
+
 impl From<HandlerError> for Outcome {
     fn from(error: HandlerError) -> Self {
         Outcome::Failed(error)
@@ -92,7 +149,7 @@ mod tests {
     fn failed(outcome: Outcome) -> HandlerError {
         match outcome {
             Outcome::Failed(error) => error,
-            Outcome::Done(body) => panic!("succeeded: {body:?}"),
+            other => panic!("did not fail: {other:?}"),
         }
     }
 
@@ -119,6 +176,14 @@ mod tests {
         let permanent: Result<(), HandlerError> =
             Err(HandlerError::permanent("invalid_input", "bad"));
         assert!(!failed(permanent.into_outcome()).is_transient());
+    }
+
+    #[test]
+    fn a_continuation_carries_its_state_as_the_next_body() {
+        assert_eq!(
+            Continue::with(&serde_json::json!({"done": 3})).into_outcome(),
+            Outcome::Continue(br#"{"done":3}"#.to_vec())
+        );
     }
 
     #[test]

@@ -453,6 +453,7 @@ async fn a_database_migrated_by_the_previous_version_gets_the_sequence_tables() 
         assert_eq!(
             tables_in(&name).await,
             [
+                "cottontail_checkpoints",
                 "cottontail_dedup",
                 "cottontail_jobs",
                 "cottontail_joins",

@@ -80,6 +80,11 @@ async fn with_a_token_set_jobs_and_status_need_it() {
                 assert_eq!(code, 401, "{path} with {header:?}");
             }
         }
+        // Cancelling a job changes state: behind the token too.
+        for header in [&[][..], &[("Authorization", wrong.as_str())][..]] {
+            let (code, _) = http_post_with(http, "/jobs/job-1/cancel", header).await;
+            assert_eq!(code, 401, "cancel with {header:?}");
+        }
         let (code, body) = http_get_with(http, "/status.json", &good).await;
         assert_eq!(code, 200, "{body}");
         assert!(body.contains(queue.name()), "{body}");
@@ -115,6 +120,8 @@ async fn without_a_token_a_non_loopback_address_refuses_data_but_serves_health()
                 "{path}: no token is configured, none is accepted"
             );
         }
+        let (code, _) = http_post_with(http, "/jobs/job-1/cancel", &[]).await;
+        assert_eq!(code, 403, "cancel needs a token off loopback");
         open_endpoints_answer(http).await;
         assert_eq!(http_get(http, "/health/ready").await.0, 200);
         finish(app, queue).await;

@@ -7,12 +7,11 @@
 //! error's `Display`/`Debug` and every HTTP body, for the password.
 use cottontail_test_support as common;
 
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use common::logs::logs;
 use common::*;
 use cottontail::client::{Client, RequestOptions, RpcError};
 use cottontail::connection::Connector;
@@ -21,42 +20,6 @@ use serde_json::Value;
 
 /// Overall deadline of each test.
 const LIMIT: Duration = Duration::from_secs(180);
-
-/// Everything every tracing event of this process wrote.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// Installs (once) a global subscriber that records every event at every level.
-fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        captured
-    })
-}
 
 /// A broker user for this run, deleted on drop.
 struct SecretUser {

@@ -543,3 +543,69 @@ async fn middleware_wraps_the_handler_as_in_the_app() {
         .await;
     assert!(run.is_ok());
 }
+
+// Row: `Continue::with(state)` → the next slice (confirmed), same properties, → ack.
+
+async fn sliced(Json(done): Json<u32>) -> cottontail::Outcome {
+    use cottontail::IntoOutcome;
+    if done < 2 {
+        return cottontail::Continue::with(&(done + 1)).into_outcome();
+    }
+    Json(done).into_outcome()
+}
+
+#[tokio::test]
+async fn a_continuation_republishes_the_message_with_its_new_state_then_acks() {
+    let harness = TestHandler::new(Queue::new(QUEUE), sliced);
+    let run = harness
+        .run(
+            TestMessage::json(&0)
+                .message_id("job-1")
+                .reply_to("caller")
+                .correlation_id("c-1")
+                .attempt(3),
+        )
+        .await;
+    assert!(run.acked());
+    let Handled::Continued(next) = &run.handled else {
+        panic!("not continued: {run:?}");
+    };
+    assert_eq!(
+        (next.exchange.as_str(), next.routing_key.as_str()),
+        ("", QUEUE)
+    );
+    assert_eq!(next.json::<u32>(), 1);
+    assert_eq!(
+        next.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some("job-1")
+    );
+    assert_eq!(
+        next.properties.reply_to().as_ref().map(|s| s.as_str()),
+        Some("caller")
+    );
+    assert_eq!(
+        next.properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("c-1")
+    );
+    assert_eq!(next.header_u64("x-continuation"), Some(1));
+    assert_eq!(
+        next.header_u64("x-attempts"),
+        None,
+        "each slice starts afresh"
+    );
+    assert!(run.reply().is_none(), "no reply until the last slice");
+
+    // The last slice replies as usual.
+    let last = harness
+        .run(
+            TestMessage::json(&2)
+                .reply_to("caller")
+                .correlation_id("c-1"),
+        )
+        .await;
+    assert!(last.is_ok(), "{last:?}");
+    assert_eq!(last.reply().unwrap().json::<u32>(), 2);
+}

@@ -1,5 +1,5 @@
 //! `cottontail`: the operator CLI. Publish a message, call a handler, inspect and replay
-//! dead-letters.
+//! dead-letters, cancel a job.
 //!
 //! Environment: `AMQP_URL` (or `--amqp-url`), `AMQP_TLS_CA_FILE` (PEM of a private CA for
 //! `amqps://`).
@@ -109,6 +109,16 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Cancel a queued or running job: broadcast to every running instance, so the one
+    /// running it stops within a second and a queued one is skipped when delivered (its caller
+    /// gets an `error` reply of kind `cancelled`).
+    ///
+    /// Exit code 0 once the broker confirmed the cancel (it does not wait for the job to stop;
+    /// an unknown or finished id is no error), 1 otherwise.
+    Cancel {
+        /// The job's message_id.
+        message_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +194,7 @@ async fn main() -> ExitCode {
         Command::Dlq {
             command: DlqCommand::Replay(args),
         } => exit(dlq_replay(&cli.amqp_url, &args.queue, args.limit).await),
+        Command::Cancel { message_id } => exit(cancel(&cli.amqp_url, &message_id).await),
     }
 }
 
@@ -239,6 +250,18 @@ async fn publish(
     client.close().await;
     result.map_err(|e| e.to_string())?;
     eprintln!("published to '{queue}' (confirmed)");
+    Ok(())
+}
+
+async fn cancel(url: &str, message_id: &str) -> Result<(), String> {
+    if message_id.is_empty() {
+        return Err("the message id is empty".into());
+    }
+    let client = client(url, "cancel").await?;
+    let result = client.cancel(message_id).await;
+    client.close().await;
+    result.map_err(|e| e.to_string())?;
+    eprintln!("cancel of '{message_id}' sent (confirmed)");
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! caller nothing more. An unroutable request (no such queue) still fails fast: the broker
 //! returns it, and the reply consumer's task fails the call when it sees the return.
 
+pub(crate) mod control;
 mod publisher;
 pub(crate) mod recorder;
 pub mod reply;
@@ -349,6 +350,24 @@ impl Client {
         options: RequestOptions,
     ) -> Result<Call, RpcError> {
         self.start_call(queue, body, options, true).await
+    }
+
+    /// Cancels the job `message_id`: broadcast to every running instance of every service on
+    /// this broker (over the [`CONTROL_EXCHANGE`](crate::names::CONTROL_EXCHANGE)), so the one
+    /// running it stops within a second and a queued one is skipped when it is delivered. Its
+    /// caller gets an `error` reply of kind `cancelled`. Returns once the broker confirmed the
+    /// broadcast; it does not wait for the job to stop, and cancelling an unknown or finished
+    /// id does nothing.
+    pub async fn cancel(&self, message_id: &str) -> Result<(), Error> {
+        let session = self.inner.session().await?;
+        if let Some(channel) = session.publisher.channel() {
+            control::declare(channel).await.map_err(Error::broker)?;
+        }
+        let result = control::send_cancel(&session.publisher, message_id).await;
+        if let Err(PublishError::Connection(_)) = &result {
+            self.inner.forget(&session).await;
+        }
+        result.map_err(Error::from)
     }
 
     /// Replies that arrived for no waiting call (late after a timeout, unknown correlation

@@ -1,5 +1,5 @@
 //! The small HTTP surface: `/metrics`, `/health/live`, `/health/ready`, `/jobs/{message_id}`,
-//! the status page.
+//! `POST /jobs/{message_id}/cancel`, the status page.
 //!
 //! Access: job results and the status data name message ids, payloads and error reasons, so
 //! they sit in a protected sub-router behind [`guard`] (see [`Access`]); metrics, health and
@@ -12,11 +12,12 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::Control;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::{self, RecentDeadLetters};
@@ -28,6 +29,7 @@ pub(crate) struct HttpState {
     pub health: Arc<Health>,
     pub jobs: Arc<dyn JobStore>,
     pub recent: RecentDeadLetters,
+    pub control: Arc<Control>,
 }
 
 /// Who may use the protected routes.
@@ -97,6 +99,7 @@ fn protected() -> Router<HttpState> {
     Router::new()
         .route("/status.json", get(status_json))
         .route("/jobs/{message_id}", get(job))
+        .route("/jobs/{message_id}/cancel", post(cancel))
 }
 
 pub(crate) fn router(state: HttpState, access: Access) -> Router {
@@ -195,6 +198,26 @@ async fn job(State(state): State<HttpState>, Path(message_id): Path<String>) -> 
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"error": format!("job store: {error}")})),
+        ),
+    }
+}
+
+/// Broadcasts the cancel (see `Client::cancel`): 202 once the broker confirmed it, 503 while
+/// not connected.
+async fn cancel(
+    State(state): State<HttpState>,
+    Path(message_id): Path<String>,
+) -> impl IntoResponse {
+    match state.control.request(&message_id).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"message_id": message_id, "cancel": "sent"})),
+        ),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                serde_json::json!({"error": format!("cancel not sent: {error}"), "message_id": message_id}),
+            ),
         ),
     }
 }

@@ -374,6 +374,8 @@ impl Metrics {
             retried: outcome("retried"),
             dead_lettered: outcome("dead_lettered"),
             duplicate: outcome("duplicate"),
+            cancelled: outcome("cancelled"),
+            continued: outcome("continued"),
             duration: self.duration.with_label_values(&[handler, queue]),
             in_flight: self.in_flight.with_label_values(&[handler, queue]),
             age: self.age.with_label_values(&[handler, queue]),
@@ -421,6 +423,9 @@ pub(crate) struct HandlerMetrics {
     pub retried: IntCounter,
     pub dead_lettered: IntCounter,
     pub duplicate: IntCounter,
+    pub cancelled: IntCounter,
+    /// Slices that ended in a continuation (not part of the contract's outcomes).
+    pub continued: IntCounter,
     pub duration: Histogram,
     pub in_flight: IntGauge,
     pub age: Histogram,

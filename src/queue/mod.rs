@@ -61,12 +61,15 @@ pub struct Queue {
 /// RabbitMQ closes the channel of a consumer that holds a delivery longer than its
 /// `consumer_timeout` (30 minutes by default, checked once a minute), which requeues
 /// *everything* outstanding on that channel (4.3+ cancels the consumer of a quorum queue
-/// instead); either way the consume loop reconnects, and the hung message comes back and
-/// hangs again, for `delivery_limit` rounds before it is dead-lettered as a crash loop. Cancelling the run a
-/// few minutes earlier (queueing in the prefetch buffer counts towards the broker's clock too)
-/// fails only that message, as a transient `timeout` that follows the retry policy. Handlers
-/// that legitimately run longer need a longer broker timeout *and*
-/// [`Queue::timeout`]/[`Queue::no_timeout`].
+/// instead); either way the consume loop opens a new channel (logging why), and the hung
+/// message comes back and hangs again, for `delivery_limit` rounds before it is dead-lettered
+/// as a crash loop. Cancelling the run a few minutes earlier (queueing in the prefetch buffer
+/// counts towards the broker's clock too) fails only that message, as a transient `timeout`
+/// that follows the retry policy. [`App::start`](crate::App::start) refuses a handler whose
+/// timeout is not below the broker's (as given by
+/// [`Config::consumer_timeout`](crate::Config#structfield.consumer_timeout)). Jobs that run
+/// longer: split them with [`Continue`](crate::Continue), or raise the broker's timeout and
+/// the handler's together.
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 
 /// The smallest prefetch share a default split gives a consumer.
@@ -313,6 +316,35 @@ impl Queue {
         })
     }
 
+    /// Refuses a handler whose run may outlast the broker's `consumer_timeout`: the broker
+    /// would close the channel under it, requeue the delivery (and every other unacked one on
+    /// that channel), and the job would start again, possibly forever.
+    pub(crate) fn check_consumer_timeout(
+        &self,
+        consumer_timeout: Option<Duration>,
+    ) -> Result<(), crate::Error> {
+        let Some(broker) = consumer_timeout else {
+            return Ok(());
+        };
+        let fits = self.timeout.is_some_and(|run| run < broker);
+        if fits {
+            return Ok(());
+        }
+        let run = match self.timeout {
+            Some(run) => format!("may run for {run:?}"),
+            None => "has no timeout (.no_timeout())".to_owned(),
+        };
+        Err(crate::Error::Config(format!(
+            "handler '{}' {run}, but the broker closes a consumer's channel when it holds a \
+             delivery for {broker:?} (its consumer_timeout) and the job would start over. \
+             Either give it a shorter .timeout(..), split the job into slices that each end \
+             with a Continue (state in the message), or raise the broker's consumer_timeout \
+             and tell cottontail (COTTONTAIL_CONSUMER_TIMEOUT / Config::consumer_timeout; \
+             0 = none)",
+            self.handler()
+        )))
+    }
+
     /// Checks combinations the broker would reject or silently ignore.
     pub(crate) fn validate(&self) -> Result<(), crate::Error> {
         if self.name.is_empty() || self.name.len() > 200 || self.name.starts_with("amq.") {
@@ -369,6 +401,26 @@ mod tests {
         assert_eq!(Queue::new("q").no_timeout().timeout, None);
         let minute = Duration::from_secs(60);
         assert_eq!(Queue::new("q").timeout(minute).timeout, Some(minute));
+    }
+
+    #[test]
+    fn a_run_that_may_outlast_the_brokers_consumer_timeout_is_refused() {
+        let broker = Some(Duration::from_secs(30 * 60));
+        assert!(Queue::new("q").check_consumer_timeout(broker).is_ok());
+        let long = Queue::new("q").timeout(Duration::from_secs(31 * 60));
+        let refused = long.check_consumer_timeout(broker).unwrap_err().to_string();
+        assert!(refused.contains("consumer_timeout"), "{refused}");
+        assert!(refused.contains("Continue"), "{refused}");
+        assert!(Queue::new("q")
+            .no_timeout()
+            .check_consumer_timeout(broker)
+            .is_err());
+        // A broker without a consumer timeout takes anything.
+        assert!(long.check_consumer_timeout(None).is_ok());
+        assert!(Queue::new("q")
+            .no_timeout()
+            .check_consumer_timeout(None)
+            .is_ok());
     }
 
     #[test]

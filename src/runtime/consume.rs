@@ -25,6 +25,15 @@ use crate::Error;
 /// delivery tags and acks).
 pub(crate) struct Source {
     pub(crate) worker: Arc<Worker>,
+    /// What [`Source::reopen`] needs.
+    connection: Arc<Connection>,
+    queue: String,
+    prefetch: u16,
+    tag: lapin::types::ShortString,
+    /// Counts reopened channels: a verdict of a delivery from an earlier channel (closed by
+    /// the broker, which requeued it) must not be acked on the new one, whose delivery tags
+    /// start again at 1.
+    pub(crate) generation: u64,
     /// Priority bands: picks in a row before a lower band with work gets one.
     pub(crate) weight: u32,
     pub(crate) channel: Channel,
@@ -35,34 +44,86 @@ pub(crate) struct Source {
 
 impl Source {
     pub(crate) async fn open(
-        connection: &Connection,
+        connection: &Arc<Connection>,
         queue: &str,
         prefetch: u16,
         tag: lapin::types::ShortString,
         worker: Worker,
     ) -> Result<Source, Error> {
-        let channel = connection.create_channel().await.map_err(Error::broker)?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions { global: false })
-            .await
-            .map_err(Error::broker)?;
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(Error::broker)?;
+        let (channel, consumer) = consume(connection, queue, prefetch, tag.clone()).await?;
         Ok(Source {
             worker: Arc::new(worker),
+            connection: connection.clone(),
+            queue: queue.to_owned(),
+            prefetch,
+            tag,
+            generation: 0,
             weight: 1,
             acks: AckBatch::new(channel.clone(), prefetch),
             channel,
             consumer,
             peeked: None,
         })
+    }
+
+    /// A new channel and consumer in place of one the broker closed (the connection lives
+    /// on): the broker requeued the old channel's unacked deliveries; the rest of the loop's
+    /// work, and every other loop, carries on.
+    async fn reopen(&mut self) -> Result<(), Error> {
+        let opened = consume(
+            &self.connection,
+            &self.queue,
+            self.prefetch,
+            self.tag.clone(),
+        );
+        // Bounded: on a connection that is going away, the session restarts instead.
+        let (channel, consumer) = bounded(CLEANUP, opened)
+            .await
+            .ok_or_else(|| Error::Broker("no new consumer channel within 5 s".into()))??;
+        self.generation += 1;
+        self.acks = AckBatch::new(channel.clone(), self.prefetch);
+        self.channel = channel;
+        self.consumer = consumer;
+        self.peeked = None;
+        Ok(())
+    }
+}
+
+async fn consume(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: lapin::types::ShortString,
+) -> Result<(Channel, Consumer), Error> {
+    let channel = connection.create_channel().await.map_err(Error::broker)?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await
+        .map_err(Error::broker)?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(Error::broker)?;
+    Ok((channel, consumer))
+}
+
+/// Whether the broker closed a channel because a delivery on it went unacknowledged past its
+/// `consumer_timeout` (`PRECONDITION_FAILED - delivery acknowledgement on channel N timed
+/// out…`).
+pub(crate) fn is_ack_timeout(error: &lapin::Error) -> bool {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => {
+            e.get_id() == 406 && {
+                let text = e.get_message().as_str();
+                text.contains("delivery acknowledgement") && text.contains("timed out")
+            }
+        }
+        _ => false,
     }
 }
 
@@ -89,7 +150,11 @@ pub(crate) struct ConsumeLoop {
 }
 
 /// Runs one delivery; a panic outside the handler (which is caught inside) requeues it.
-async fn run_one(worker: Arc<Worker>, source: usize, delivery: Delivery) -> (usize, u64, Settle) {
+async fn run_one(
+    worker: Arc<Worker>,
+    source: (usize, u64),
+    delivery: Delivery,
+) -> ((usize, u64), u64, Settle) {
     let tag = delivery.delivery_tag;
     let settle = AssertUnwindSafe(worker.process(delivery))
         .catch_unwind()
@@ -103,7 +168,7 @@ async fn run_one(worker: Arc<Worker>, source: usize, delivery: Delivery) -> (usi
 
 /// An empty set of `run`'s futures (names their type before the first push).
 fn in_flight_set<F: std::future::Future>(
-    _run: fn(Arc<Worker>, usize, Delivery) -> F,
+    _run: fn(Arc<Worker>, (usize, u64), Delivery) -> F,
 ) -> FuturesUnordered<F> {
     FuturesUnordered::new()
 }
@@ -151,22 +216,48 @@ impl ConsumeLoop {
         while !stop.is_cancelled() && !failed.is_cancelled() {
             tokio::select! {
                 biased;
-                Some((source, tag, how)) = running.next(), if !running.is_empty() => {
-                    if self.sources[source].acks.settle(tag, how) {
+                Some(((source, generation), tag, how)) = running.next(), if !running.is_empty() => {
+                    if settle(&mut self.sources, source, generation, tag, how) {
                         self.flush(&mut stragglers_armed, stragglers.as_mut());
                     }
                 }
                 next = next_delivery(&mut self.sources, &mut streak), if running.len() < self.limit => match next {
                     (source, Some(Ok(delivery))) => {
-                        running.push(run_one(self.sources[source].worker.clone(), source, delivery));
+                        let generation = self.sources[source].generation;
+                        running.push(run_one(self.sources[source].worker.clone(), (source, generation), delivery));
+                    }
+                    (source, Some(Err(error))) if error.is_amqp_soft_error() => {
+                        // The broker closed this channel only; the connection is fine. A loop
+                        // whose runs are all busy hears of it when one ends, and only then
+                        // consumes again: a new channel would be handed the requeued delivery at
+                        // once, and with no free run it would wait past the broker's timeout in
+                        // the prefetch buffer and close the new channel too.
+                        let error_text = crate::connection::redact(&error.to_string());
+                        if is_ack_timeout(&error) {
+                            tracing::warn!(%handler, error = %error_text,
+                                "the broker closed a consumer channel: a delivery went unacknowledged past its consumer_timeout; \
+                                 that channel's unacked deliveries go back to the queue; reopening the channel");
+                        } else {
+                            tracing::warn!(%handler, error = %error_text, "the broker closed a consumer channel; reopening it");
+                        }
+                        if let Err(error) = self.sources[source].reopen().await {
+                            tracing::warn!(%handler, %error, "consumer channel not reopened");
+                            failed.cancel();
+                        }
                     }
                     (_, Some(Err(error))) => {
                         tracing::warn!(%handler, error = %crate::connection::redact(&error.to_string()), "consumer failed");
                         failed.cancel();
                     }
-                    (_, None) => {
-                        tracing::warn!(%handler, "consumer cancelled by the broker");
-                        failed.cancel();
+                    (source, None) => {
+                        // E.g. RabbitMQ 4.3+ cancels a quorum queue's consumer that held a
+                        // delivery past its consumer_timeout; a deleted queue fails the
+                        // re-consume, and then the session.
+                        tracing::warn!(%handler, "consumer cancelled by the broker; consuming again");
+                        if let Err(error) = self.sources[source].reopen().await {
+                            tracing::warn!(%handler, %error, "consumer not restarted");
+                            failed.cancel();
+                        }
                     }
                 },
                 () = &mut stragglers, if stragglers_armed => {
@@ -217,8 +308,8 @@ impl ConsumeLoop {
                     biased;
                     () = &mut aborted => break,
                     done = running.next() => match done {
-                        Some((source, tag, how)) => {
-                            self.sources[source].acks.settle(tag, how);
+                        Some(((source, generation), tag, how)) => {
+                            settle(&mut self.sources, source, generation, tag, how);
                         }
                         None => break,
                     },
@@ -253,6 +344,19 @@ impl ConsumeLoop {
             timer.reset(tokio::time::Instant::now() + STRAGGLER_WAIT);
         }
     }
+}
+
+/// Records a verdict on its source's channel, unless that channel was replaced since the
+/// delivery (the broker requeued it when it closed the old one). `true` = flush now.
+fn settle(sources: &mut [Source], source: usize, generation: u64, tag: u64, how: Settle) -> bool {
+    let source = &mut sources[source];
+    if source.generation != generation {
+        tracing::debug!(
+            "verdict of a delivery from a closed channel dropped (the broker requeued it)"
+        );
+        return false;
+    }
+    source.acks.settle(tag, how)
 }
 
 /// How long a banded handler waits at most for its entry backlog to be sorted.

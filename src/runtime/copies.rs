@@ -97,6 +97,27 @@ pub(crate) async fn park_in(
         .await
 }
 
+/// Publishes the next slice of a continued job to its queue: `state` as the body, the same
+/// properties, `x-continuation` counted up, and a fresh attempt and delivery count (each
+/// slice is a new run).
+pub(crate) async fn continuation(msg: &Message, state: Vec<u8>) -> Result<(), PublishError> {
+    let slices = headers::get_u64(msg.headers(), headers::CONTINUATION).unwrap_or(0);
+    let mut table = copy_headers(
+        msg,
+        &[
+            headers::DELIVERY_COUNT,
+            headers::REDELIVERIES,
+            headers::ATTEMPTS,
+            headers::LAST_ERROR,
+        ],
+    );
+    headers::set_int(&mut table, headers::CONTINUATION, slices.saturating_add(1));
+    let properties = republish_properties(msg.properties()).with_headers(table);
+    msg.publisher()
+        .publish("", msg.queue(), &state, properties, true)
+        .await
+}
+
 /// Moves the message, intact, to `queue` (an ordered handler's partition, a priority band).
 pub(crate) async fn forward(msg: &Message, queue: &str) -> Result<(), PublishError> {
     park_in(msg, queue, None).await

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Publisher;
 use crate::connection::{bounded, CLEANUP};
+use crate::control::Control;
 use crate::handler::BoxedHandler;
 use crate::message::Context;
 use crate::ops::health::Health;
@@ -44,6 +45,8 @@ pub(crate) struct Plan {
     pub(crate) outputs: Vec<String>,
     pub(crate) instrumented: bool,
     pub(crate) recent: RecentDeadLetters,
+    /// Checkpoints and cancellation.
+    pub(crate) control: Arc<Control>,
     /// This instance's identity (connection name and a random part).
     pub(crate) owner: Arc<str>,
     /// The connection name, which consumer tags start with.
@@ -82,6 +85,13 @@ impl Session {
             abort: CancellationToken::new(),
             loops: Vec::new(),
         };
+        // Cancels are heard before the first delivery is taken.
+        session.loops.push(
+            sup.control
+                .listen(connection, publisher.clone(), session.stop.clone())
+                .await
+                .map_err(Error::broker)?,
+        );
         for (index, h) in sup.handlers.iter().enumerate() {
             let make_worker = {
                 let (h_queue, h_service) = (h.queue.clone(), h.service.clone());
@@ -90,6 +100,7 @@ impl Session {
                     queue: h.queue.name().to_owned(),
                     publisher: publisher.clone(),
                     store_down: Default::default(),
+                    control: sup.control.clone(),
                 });
                 // Uninstrumented: the handles count into a registry nobody exports.
                 let metrics = if sup.instrumented {

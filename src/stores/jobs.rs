@@ -16,7 +16,8 @@ use crate::BoxFuture;
 /// The status document served at `/jobs/{message_id}`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct JobStatus {
-    /// `queued` | `running` | `succeeded` | `failed` | `dead_lettered` | `compensated`.
+    /// `queued` | `running` | `succeeded` | `failed` | `dead_lettered` | `cancelled` |
+    /// `compensated`.
     pub status: String,
     /// The message id.
     pub message_id: String,

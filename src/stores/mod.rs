@@ -1,5 +1,6 @@
 //! Where handlers keep state across messages, instances and restarts: dedup claims and cached
-//! replies ([`DedupStore`]), job statuses ([`JobStore`]), the next expected sequence number of
+//! replies ([`DedupStore`]), job statuses ([`JobStore`]), long jobs' checkpoints
+//! ([`CheckpointStore`]), the next expected sequence number of
 //! ordered handlers ([`SequenceStore`]) and producer-side stamps ([`SequenceStamper`]). One
 //! error type, [`StoreError`], for all of them.
 //!
@@ -22,6 +23,7 @@
 //! [`StoreError`]. A failed claim defers the message: it waits in the broker without spending
 //! an attempt and is never run without the check.
 
+mod checkpoints;
 mod dedup;
 mod jobs;
 pub mod memory;
@@ -31,10 +33,13 @@ pub mod postgres;
 pub mod redis;
 mod sequences;
 
+pub use checkpoints::{CheckpointStore, CANCELLED_SCOPE, DEFAULT_CHECKPOINT_TTL};
 pub use dedup::{Claim, DedupStore, DueWatches};
 pub(crate) use jobs::now;
 pub use jobs::{JobStatus, JobStore};
-pub use memory::{MemoryJobs, MemorySequences, MemoryStamper, MemoryStore, DEFAULT_JOB_BYTES};
+pub use memory::{
+    MemoryCheckpoints, MemoryJobs, MemorySequences, MemoryStamper, MemoryStore, DEFAULT_JOB_BYTES,
+};
 pub use sequences::{SequenceStamper, SequenceStore};
 
 /// A store did not answer, or answered with something unusable (the backend and the operation

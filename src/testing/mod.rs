@@ -130,6 +130,7 @@ impl TestHandler {
             // Unused: each run's messages carry their own recording publisher.
             publisher: Publisher::recording(Recorder::default()),
             store_down: Default::default(),
+            control: Default::default(),
         });
         let worker = Worker {
             metrics: Metrics::default().handler(queue.handler(), queue.name()),
@@ -175,6 +176,7 @@ impl TestHandler {
             queue: self.worker.context.queue.clone(),
             publisher: Publisher::recording(recorder.clone()),
             store_down: Default::default(),
+            control: self.worker.context.control.clone(),
         });
         let TestMessage {
             body,

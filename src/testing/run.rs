@@ -50,6 +50,12 @@ pub enum Handled {
     Deferred(Published),
     /// A publish the outcome needed failed: the message goes back to the queue (not acked).
     Requeued,
+    /// The job was cancelled: not run (or stopped), an `error` reply of kind `cancelled`;
+    /// acked.
+    Cancelled,
+    /// The handler returned a [`Continue`](crate::Continue): the copy is the next slice, in
+    /// the handler's queue; acked.
+    Continued(Published),
 }
 
 /// A retry copy (in `<queue>.retry.<ms>`).
@@ -149,6 +155,8 @@ impl Run {
             Verdict::Retried => Handled::Retried(Retry::from_copy(copy())),
             Verdict::DeadLettered => Handled::DeadLettered(DeadLetter::from_copy(copy())),
             Verdict::Moved => Handled::Deferred(copy()),
+            Verdict::Cancelled => Handled::Cancelled,
+            Verdict::Continued => Handled::Continued(copy()),
             Verdict::Requeue => Handled::Requeued,
         };
         Run {

@@ -1,14 +1,16 @@
 //! `cottontail-demo`: one service running every example handler and workflow (the contract
 //! is in `docs/contracts.md`, "Demo service" and "Workflows").
 //!
-//! Stores: `REDIS_URL` set → Redis for dedup, job statuses, sequence state and the order
-//! book; else `DATABASE_URL` set → PostgreSQL for dedup, job statuses and sequence state
-//! (the order book stays in memory); neither → in memory (one instance only).
+//! Stores: `REDIS_URL` set → Redis for dedup, job statuses, sequence state, checkpoints and
+//! the order book; else `DATABASE_URL` set → PostgreSQL for dedup, job statuses, sequence
+//! state and checkpoints (the order book stays in memory); neither → in memory (one instance
+//! only).
 
 use std::sync::Arc;
 
 use cottontail::stores::{
-    DedupStore, JobStore, MemoryJobs, MemorySequences, MemoryStore, SequenceStore,
+    CheckpointStore, DedupStore, JobStore, MemoryCheckpoints, MemoryJobs, MemorySequences,
+    MemoryStore, SequenceStore,
 };
 use cottontail::{App, Config, Dedup};
 
@@ -38,6 +40,7 @@ struct Stores {
     dedup: Arc<dyn DedupStore>,
     jobs: Arc<dyn JobStore>,
     sequences: Arc<dyn SequenceStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
     orders: cottontail_orders::Orders,
     kind: &'static str,
 }
@@ -52,6 +55,7 @@ async fn stores() -> Result<Stores, cottontail::Error> {
             dedup: Arc::new(redis.clone()),
             jobs: Arc::new(redis.clone()),
             sequences: Arc::new(redis.clone()),
+            checkpoints: Arc::new(redis.clone()),
             orders: cottontail_orders::Orders::new(cottontail_orders::RedisBook::new(&redis)),
             kind: "redis",
         });
@@ -63,7 +67,8 @@ async fn stores() -> Result<Stores, cottontail::Error> {
         return Ok(Stores {
             dedup: Arc::new(pg.clone()),
             jobs: Arc::new(pg.clone()),
-            sequences: Arc::new(pg),
+            sequences: Arc::new(pg.clone()),
+            checkpoints: Arc::new(pg),
             orders: cottontail_orders::Orders::default(),
             kind: "postgres",
         });
@@ -72,6 +77,7 @@ async fn stores() -> Result<Stores, cottontail::Error> {
         dedup: Arc::new(MemoryStore::new(100_000)),
         jobs: Arc::new(MemoryJobs::default()),
         sequences: Arc::new(MemorySequences::new()),
+        checkpoints: Arc::new(MemoryCheckpoints::default()),
         orders: cottontail_orders::Orders::default(),
         kind: "memory",
     })
@@ -87,6 +93,7 @@ async fn run() -> Result<(), cottontail::Error> {
         orders: stores.orders,
     })
     .shared_job_store(stores.jobs)
+    .checkpoint_store(stores.checkpoints)
     .handler(
         cottontail_thumbnails::queue(),
         cottontail_thumbnails::handle,
@@ -116,6 +123,7 @@ async fn run() -> Result<(), cottontail::Error> {
         cottontail_albums::workflow(cottontail_albums::WORKFLOW, cottontail_thumbnails::QUEUE)
             .dedup(Dedup::shared(stores.dedup)),
     )
+    .handler(cottontail_crunch::queue(), cottontail_crunch::handle)
     .run(config)
     .await
 }

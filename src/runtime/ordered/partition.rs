@@ -295,7 +295,7 @@ impl Partition {
             };
             let advance = matches!(
                 verdict,
-                Verdict::Done | Verdict::Duplicate | Verdict::DeadLettered
+                Verdict::Done | Verdict::Duplicate | Verdict::DeadLettered | Verdict::Cancelled
             );
             if !advance {
                 self.acker.settle(current.tag, verdict.settle());

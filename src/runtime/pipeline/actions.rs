@@ -23,10 +23,67 @@ impl Worker {
                 if let Err(verdict) = self.reply_ok(msg, body).await {
                     return verdict;
                 }
+                if msg.checkpointed() {
+                    self.forget_checkpoint(msg).await;
+                }
                 self.metrics.ok.inc();
                 Verdict::Done
             }
             Outcome::Failed(error) => self.fail(msg, error).await,
+            Outcome::Cancelled => self.cancelled(msg).await,
+            Outcome::Continue(state) => self.next_slice(msg, state).await,
+        }
+    }
+
+    /// A cancelled job (before it started or while it ran): the `cancelled` error reply
+    /// (confirmed), its checkpoint removed, acked.
+    pub(super) async fn cancelled(&self, msg: &Message) -> Verdict {
+        tracing::info!("job cancelled");
+        let error = HandlerError::permanent("cancelled", "the job was cancelled");
+        self.job(msg, "cancelled", |j| {
+            j.error = Some(error_json(&error));
+        })
+        .await;
+        if let Some(reply_to) = msg.reply_target() {
+            let sent = reply::send(
+                msg.publisher(),
+                reply_to,
+                msg.correlation_id(),
+                Status::Error,
+                reply::error_body(&error),
+                Some(msg.trace()),
+            )
+            .await;
+            if let Err(e) = sent {
+                return self.publish_failed(e);
+            }
+            self.metrics.reply_error.inc();
+        }
+        // Also when this attempt took none: an earlier one may have saved one.
+        self.forget_checkpoint(msg).await;
+        self.metrics.cancelled.inc();
+        Verdict::Cancelled
+    }
+
+    /// A continuation: the next slice (confirmed), then the ack.
+    async fn next_slice(&self, msg: &Message, state: Vec<u8>) -> Verdict {
+        match copies::continuation(msg, state).await {
+            Ok(()) => {
+                self.metrics.continued.inc();
+                Verdict::Continued
+            }
+            Err(e) => self.publish_failed(e),
+        }
+    }
+
+    /// Removes the message's checkpoint: its job ended. A store that does not answer leaves
+    /// it to expire.
+    pub(super) async fn forget_checkpoint(&self, msg: &Message) {
+        let Some(id) = msg.message_id() else {
+            return;
+        };
+        if let Err(error) = msg.control().store.remove(msg.handler(), id).await {
+            tracing::warn!(%error, "checkpoint not removed; it expires on its own");
         }
     }
 
@@ -93,6 +150,9 @@ impl Worker {
         if let Err(e) = copies::dead_letter(msg, &error, attempts).await {
             return self.publish_failed(e);
         }
+        // Whether or not this delivery reached the handler (a crash loop's last one does
+        // not), earlier attempts may have saved a checkpoint; dead-letters are rare enough.
+        self.forget_checkpoint(msg).await;
         if let Some(reply_to) = msg.reply_target() {
             let body = reply::error_body(&error);
             if let Err(e) = reply::send(

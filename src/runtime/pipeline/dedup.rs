@@ -114,7 +114,11 @@ impl Worker {
                     .complete(msg.handler(), msg.reply_to().map(|_| body.clone()))
                     .await
             }
-            Outcome::Failed(_) => claim.release(msg.handler()).await,
+            // Failed (a retry must be able to claim), cancelled, or continued (the next slice
+            // carries the same id).
+            Outcome::Failed(_) | Outcome::Cancelled | Outcome::Continue(_) => {
+                claim.release(msg.handler()).await
+            }
         }
     }
 }

@@ -1,10 +1,10 @@
 //! The one place where a delivery becomes an outcome and the outcome becomes broker actions.
 //!
 //! ```text
-//! delivery ─► guards ─► dedup claim ─► run (job status, handler + timeout + panic catch,
-//!   (guards.rs)  (dedup.rs)              immediate retries)              (run.rs)
-//!          ─► settle claim ─► reply / retry copy / dead-letter copy (confirmed) ─► ack
-//!              (dedup.rs)        (actions.rs)                                    (acker)
+//! delivery ─► guards ─► cancelled? ─► dedup claim ─► run (job status, handler + timeout +
+//!   (guards.rs)  (control.rs)  (dedup.rs)     cancel + panic catch, immediate retries; run.rs)
+//!          ─► settle claim ─► reply / retry copy / dead-letter copy / continuation
+//!              (dedup.rs)        (confirmed; actions.rs) ─► ack (acker)
 //! ```
 //! Workflow queues run the same steps and then continue their workflow (`workflow.rs`).
 //! Nothing is acked before what it produced is confirmed; when a publish fails the message is
@@ -45,6 +45,10 @@ pub(crate) enum Verdict {
     Retried,
     /// Dead-lettered with its reason.
     DeadLettered,
+    /// Cancelled (before or while it ran); the `cancelled` reply was sent.
+    Cancelled,
+    /// Republished as the job's next slice (a continuation), confirmed.
+    Continued,
     /// A copy was re-enqueued (classic redelivery count, busy id, parked, routed).
     Moved,
     /// A publish failed: give the delivery back to the queue.
@@ -156,6 +160,11 @@ impl Worker {
     /// handler with its timeout and panic catch, immediate retries) → settle the claim →
     /// broker actions. Each step lives in the module named for it.
     pub(crate) async fn handle(&self, msg: Message) -> Verdict {
+        if let Some(id) = msg.message_id() {
+            if msg.control().is_cancelled(id).await {
+                return self.cancelled(&msg).await;
+            }
+        }
         if let Some(flow) = &self.workflow {
             // The same steps, then the workflow's continuation (`workflow.rs`).
             return self.handle_workflow(msg, flow).await;

@@ -49,21 +49,35 @@ impl Worker {
         }
     }
 
-    /// One handler run: timed, time-limited, with panics caught as transient failures.
+    /// One handler run: timed, time-limited, stopped when its job is cancelled, with panics
+    /// caught as transient failures.
     async fn run_once(&self, msg: Message) -> Outcome {
         self.job(&msg, "running", |_| {}).await;
+        // Registered before the handler starts: a cancel heard from here on stops it.
+        let _running = msg
+            .message_id()
+            .map(|id| msg.control().register(id, msg.cancel_token().clone()));
+        let cancel = msg.cancel_token().clone();
         self.metrics.in_flight.inc();
         let timer = self.metrics.duration.start_timer();
         let call = AssertUnwindSafe(self.service.call(msg)).catch_unwind();
-        let result = match self.queue.timeout {
-            Some(limit) => match tokio::time::timeout(limit, call).await {
-                Ok(result) => result,
-                Err(_) => Ok(Outcome::Failed(HandlerError::transient(
-                    "timeout",
-                    format!("handler ran longer than {limit:?} and was cancelled"),
-                ))),
-            },
-            None => call.await,
+        let limited = async {
+            match self.queue.timeout {
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(result) => result,
+                    Err(_) => Ok(Outcome::Failed(HandlerError::transient(
+                        "timeout",
+                        format!("handler ran longer than {limit:?} and was cancelled"),
+                    ))),
+                },
+                None => call.await,
+            }
+        };
+        // A cancelled job's future is dropped at its next await point.
+        let result = tokio::select! {
+            biased;
+            result = limited => result,
+            () = cancel.cancelled() => Ok(Outcome::Cancelled),
         };
         timer.observe_duration();
         self.metrics.in_flight.dec();

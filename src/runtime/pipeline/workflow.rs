@@ -181,6 +181,24 @@ impl Worker {
                     .workflow_failed(&msg, flow, origin, error, attempts, claim.as_ref())
                     .await;
             }
+            // A cancelled workflow message stops where it is (the caller gets `cancelled`).
+            Outcome::Cancelled => {
+                if let Some(claim) = &claim {
+                    claim.release(msg.handler()).await;
+                }
+                return self.cancelled(&msg).await;
+            }
+            // The slip is the workflow's continuation; a step cannot have one of its own.
+            Outcome::Continue(_) => {
+                let error = HandlerError::permanent(
+                    "invalid_outcome",
+                    "a workflow step cannot return Continue (its slip is the continuation)",
+                );
+                let attempts = msg.attempt();
+                return self
+                    .workflow_failed(&msg, flow, origin, error, attempts, claim.as_ref())
+                    .await;
+            }
         };
         self.save(&msg, claim.as_ref(), &record).await;
         match self.continue_once(&msg, flow, origin, record, true).await {

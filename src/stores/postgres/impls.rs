@@ -1,5 +1,5 @@
-//! The store traits on [`PostgresStore`]: dedup claims, job statuses, sequence state and
-//! stamps, each one statement per call.
+//! The store traits on [`PostgresStore`]: dedup claims, job statuses, sequence state,
+//! stamps and checkpoints, each one statement per call.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,7 +8,8 @@ use std::time::Duration;
 use super::sql::*;
 use super::{from_bigint, pg, to_bigint, PostgresStore};
 use crate::stores::{
-    millis, Claim, DedupStore, JobStatus, JobStore, SequenceStamper, SequenceStore, StoreError,
+    millis, CheckpointStore, Claim, DedupStore, JobStatus, JobStore, SequenceStamper,
+    SequenceStore, StoreError,
 };
 use crate::BoxFuture;
 
@@ -357,6 +358,60 @@ impl SequenceStamper for PostgresStore {
                 })
                 .await?;
             from_bigint("stamp", last)
+        })
+    }
+}
+
+impl CheckpointStore for PostgresStore {
+    fn load(&self, scope: &str, id: &str) -> BoxFuture<Result<Option<Vec<u8>>, StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        Box::pin(async move {
+            store
+                .with_client("checkpoint load", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(CHECKPOINT_LOAD).await?;
+                    match c.query_opt(&stmt, &[&scope, &id]).await? {
+                        Some(row) => row.try_get(0).map(Some),
+                        None => Ok(None),
+                    }
+                })
+                .await
+        })
+    }
+
+    fn save(
+        &self,
+        scope: &str,
+        id: &str,
+        state: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        let ttl = millis(ttl) as f64;
+        Box::pin(async move {
+            store
+                .with_client("checkpoint save", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(CHECKPOINT_SAVE).await?;
+                    c.execute(&stmt, &[&scope, &id, &state, &ttl]).await
+                })
+                .await?;
+            store.wrote();
+            Ok(())
+        })
+    }
+
+    fn remove(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        let (scope, id) = (scope.to_owned(), id.to_owned());
+        Box::pin(async move {
+            store
+                .with_client("checkpoint remove", store.timeout, |c| async move {
+                    let stmt = c.prepare_cached(CHECKPOINT_REMOVE).await?;
+                    c.execute(&stmt, &[&scope, &id]).await
+                })
+                .await?;
+            Ok(())
         })
     }
 }

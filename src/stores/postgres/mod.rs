@@ -13,6 +13,9 @@
 //! Supervision watches (`cottontail_watches`: one row per watch, indexed by scope and due time)
 //! are one upsert, one delete, one indexed range read.
 //!
+//! Long jobs' checkpoints (`cottontail_checkpoints`) are one upsert per save and expire on
+//! their TTL like dedup rows.
+//!
 //! Sequence state (`cottontail_sequences`: the next expected number per handler and key) and
 //! stamps (`cottontail_stamps`: the last number handed out per key) never expire; every
 //! change is one statement, so it is atomic without an explicit transaction.
@@ -94,6 +97,14 @@ CREATE TABLE IF NOT EXISTS cottontail_watches (
     PRIMARY KEY (scope, id)
 );
 CREATE INDEX IF NOT EXISTS cottontail_watches_due ON cottontail_watches (scope, due_ms);
+CREATE TABLE IF NOT EXISTS cottontail_checkpoints (
+    scope      text        NOT NULL,
+    id         text        NOT NULL,
+    state      bytea       NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (scope, id)
+);
+CREATE INDEX IF NOT EXISTS cottontail_checkpoints_expires_at ON cottontail_checkpoints (expires_at);
 ";
 
 /// How many of the migration's tables and indexes exist ([`MIGRATED_ALL`] when it has run).
@@ -103,15 +114,16 @@ const MIGRATED: &str = "\
 SELECT count(to_regclass(name)) FROM unnest(ARRAY['cottontail_dedup', 'cottontail_jobs',
     'cottontail_dedup_expires_at', 'cottontail_jobs_expires_at', 'cottontail_sequences',
     'cottontail_stamps', 'cottontail_joins', 'cottontail_joins_expires_at',
-    'cottontail_watches', 'cottontail_watches_due']) AS name";
+    'cottontail_watches', 'cottontail_watches_due', 'cottontail_checkpoints',
+    'cottontail_checkpoints_expires_at']) AS name";
 
 /// The number of objects [`MIGRATED`] counts.
-const MIGRATED_ALL: i64 = 10;
+const MIGRATED_ALL: i64 = 12;
 
 /// Serializes concurrent migrations (`CREATE … IF NOT EXISTS` alone can still collide).
 const MIGRATION_LOCK: i64 = 0x636f_7474_6f6e_7461;
 
-/// A [`DedupStore`](crate::stores::DedupStore), [`JobStore`](crate::stores::JobStore), [`SequenceStore`](crate::stores::SequenceStore) and [`SequenceStamper`](crate::stores::SequenceStamper) in PostgreSQL,
+/// A [`DedupStore`](crate::stores::DedupStore), [`JobStore`](crate::stores::JobStore), [`SequenceStore`](crate::stores::SequenceStore), [`SequenceStamper`](crate::stores::SequenceStamper) and [`CheckpointStore`](crate::stores::CheckpointStore) in PostgreSQL,
 /// plus exactly-once transactions ([`begin_once`](Self::begin_once)).
 ///
 /// Cloning is cheap (a shared connection pool). Every operation is limited to

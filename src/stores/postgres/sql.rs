@@ -81,13 +81,26 @@ INSERT INTO cottontail_stamps (key, last) VALUES ($1, 1)
 ON CONFLICT (key) DO UPDATE SET last = cottontail_stamps.last + 1
 RETURNING last";
 
+pub(super) const CHECKPOINT_LOAD: &str = "\
+SELECT state FROM cottontail_checkpoints WHERE scope = $1 AND id = $2 AND expires_at > now()";
+
+pub(super) const CHECKPOINT_SAVE: &str = "\
+INSERT INTO cottontail_checkpoints (scope, id, state, expires_at)
+VALUES ($1, $2, $3, now() + $4::float8 * interval '1 millisecond')
+ON CONFLICT (scope, id) DO UPDATE SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at";
+
+pub(super) const CHECKPOINT_REMOVE: &str = "\
+DELETE FROM cottontail_checkpoints WHERE scope = $1 AND id = $2";
+
 pub(super) const PURGE: &str = "\
 DELETE FROM cottontail_dedup WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM cottontail_dedup WHERE expires_at <= now() LIMIT 10000));
 DELETE FROM cottontail_jobs WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM cottontail_jobs WHERE expires_at <= now() LIMIT 10000));
 DELETE FROM cottontail_joins WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM cottontail_joins WHERE expires_at <= now() LIMIT 10000));";
+    SELECT ctid FROM cottontail_joins WHERE expires_at <= now() LIMIT 10000));
+DELETE FROM cottontail_checkpoints WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM cottontail_checkpoints WHERE expires_at <= now() LIMIT 10000));";
 
 /// Record a join's field unless it is recorded (values hex-encoded in a `jsonb` object) and
 /// return the field count. The upsert locks the row, so concurrent records of one join see

@@ -17,6 +17,8 @@
 //!   missing key means 1). Never expires: losing it would re-apply the key from 1.
 //! - `<prefix>:stamp:<key>` → the last sequence number stamped for `key` (`INCR`). Never
 //!   expires: losing it would hand out numbers again.
+//! - `<prefix>:checkpoint:<scope>:<id>` → a long job's last saved state (`PX` = its TTL);
+//!   cancelled ids under the scope [`CANCELLED_SCOPE`](crate::stores::CANCELLED_SCOPE).
 //!
 //! The id and the sequence key are used as they came from the wire (Redis keys are
 //! binary-safe).
@@ -34,7 +36,8 @@ use scripts::{ADVANCE, CLAIM, COMPLETE, JOB_PUT_MANY, JOIN_RECORD, RELEASE};
 
 use super::{bounded, millis, DEFAULT_TIMEOUT};
 use crate::stores::{
-    Claim, DedupStore, JobStatus, JobStore, SequenceStamper, SequenceStore, StoreError,
+    CheckpointStore, Claim, DedupStore, JobStatus, JobStore, SequenceStamper, SequenceStore,
+    StoreError,
 };
 use crate::BoxFuture;
 
@@ -44,7 +47,7 @@ pub use ::redis as client;
 /// The key prefix used by [`RedisStore::connect_default`].
 pub const DEFAULT_PREFIX: &str = "cottontail";
 
-/// A [`DedupStore`], [`JobStore`], [`SequenceStore`] and [`SequenceStamper`] in Redis, shared
+/// A [`DedupStore`], [`JobStore`], [`SequenceStore`], [`SequenceStamper`] and [`CheckpointStore`] in Redis, shared
 /// by all instances of a service.
 ///
 /// Cloning is cheap (one multiplexed connection, reconnected automatically after a loss).
@@ -187,6 +190,14 @@ impl RedisStore {
     /// `<prefix>:stamp:<key>` (the last number stamped for a key), as raw bytes.
     pub fn stamp_key(&self, sequence_key: &str) -> Vec<u8> {
         key(&self.prefix, &[b"stamp", sequence_key.as_bytes()])
+    }
+
+    /// `<prefix>:checkpoint:<scope>:<id>` (a long job's saved state), as raw bytes.
+    pub fn checkpoint_key(&self, scope: &str, id: &str) -> Vec<u8> {
+        key(
+            &self.prefix,
+            &[b"checkpoint", scope.as_bytes(), id.as_bytes()],
+        )
     }
 }
 
@@ -606,6 +617,56 @@ impl SequenceStamper for RedisStore {
                 .filter(|n| *n >= 1)
                 .ok_or_else(|| StoreError(format!("redis stamp: counter at {n}, not positive")))
         })
+    }
+}
+
+impl CheckpointStore for RedisStore {
+    fn load(&self, scope: &str, id: &str) -> BoxFuture<Result<Option<Vec<u8>>, StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.checkpoint_key(scope, id);
+        let limit = self.timeout;
+        Box::pin(bounded("redis", "checkpoint load", limit, async move {
+            ::redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(failed)
+        }))
+    }
+
+    fn save(
+        &self,
+        scope: &str,
+        id: &str,
+        state: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.checkpoint_key(scope, id);
+        let limit = self.timeout;
+        Box::pin(bounded("redis", "checkpoint save", limit, async move {
+            ::redis::cmd("SET")
+                .arg(key)
+                .arg(state)
+                .arg("PX")
+                .arg(millis(ttl))
+                .exec_async(&mut conn)
+                .await
+                .map_err(failed)
+        }))
+    }
+
+    fn remove(&self, scope: &str, id: &str) -> BoxFuture<Result<(), StoreError>> {
+        let mut conn = self.conn.clone();
+        let key = self.checkpoint_key(scope, id);
+        let limit = self.timeout;
+        Box::pin(bounded("redis", "checkpoint remove", limit, async move {
+            ::redis::cmd("DEL")
+                .arg(key)
+                .exec_async(&mut conn)
+                .await
+                .map_err(failed)
+        }))
     }
 }
 

@@ -6,6 +6,8 @@
 
 pub mod dedup;
 pub mod features;
+pub mod logs;
+pub mod long_jobs;
 pub mod ordering;
 pub mod priority;
 pub mod private_redis;
@@ -373,6 +375,25 @@ pub async fn http_get_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    http_request(addr, "GET", path, headers).await
+}
+
+/// A minimal HTTP/1.1 POST without a body, with request headers: status code and body.
+pub async fn http_post_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    http_request(addr, "POST", path, headers).await
+}
+
+/// A minimal HTTP/1.1 request without a body: status code and body.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -381,8 +402,14 @@ pub async fn http_get_with(
         .iter()
         .map(|(k, v)| format!("{k}: {v}\r\n"))
         .collect();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    let length = if method == "GET" {
+        ""
+    } else {
+        "Content-Length: 0\r\n"
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}{length}Connection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
