@@ -229,6 +229,12 @@ impl Control {
     }
 }
 
+impl crate::ops::http::CancelRequests for Control {
+    fn request_cancel(self: Arc<Self>, id: String) -> crate::BoxFuture<Result<(), String>> {
+        Box::pin(async move { self.request(&id).await })
+    }
+}
+
 /// A registered run; dropping it unregisters.
 pub(crate) struct Running {
     control: Arc<Control>,

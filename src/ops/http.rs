@@ -17,7 +17,6 @@ use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::Control;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::{self, RecentDeadLetters};
@@ -29,7 +28,13 @@ pub(crate) struct HttpState {
     pub health: Arc<Health>,
     pub jobs: Arc<dyn JobStore>,
     pub recent: RecentDeadLetters,
-    pub control: Arc<Control>,
+    pub control: Arc<dyn CancelRequests>,
+}
+
+/// What `POST /jobs/{id}/cancel` asks of the app: broadcast a cancel of `id`, confirmed. A
+/// trait here keeps `ops` below the cancellation machinery (no import cycle).
+pub(crate) trait CancelRequests: Send + Sync {
+    fn request_cancel(self: Arc<Self>, id: String) -> crate::BoxFuture<Result<(), String>>;
 }
 
 /// Who may use the protected routes.
@@ -208,7 +213,7 @@ async fn cancel(
     State(state): State<HttpState>,
     Path(message_id): Path<String>,
 ) -> impl IntoResponse {
-    match state.control.request(&message_id).await {
+    match state.control.clone().request_cancel(message_id.clone()).await {
         Ok(()) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({"message_id": message_id, "cancel": "sent"})),
