@@ -213,7 +213,12 @@ async fn cancel(
     State(state): State<HttpState>,
     Path(message_id): Path<String>,
 ) -> impl IntoResponse {
-    match state.control.clone().request_cancel(message_id.clone()).await {
+    match state
+        .control
+        .clone()
+        .request_cancel(message_id.clone())
+        .await
+    {
         Ok(()) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({"message_id": message_id, "cancel": "sent"})),
